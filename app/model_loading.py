@@ -1,0 +1,41 @@
+"""From what a user typed (a store name, a prefix or a path) to a loaded ChatModel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pocketlm.app.history import ConversationStore
+from pocketlm.backends.base import ChatModel, LoadOptions
+from pocketlm.backends.registry import backend_for
+from pocketlm.models.store import ModelStore
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    name: str
+    path: Path
+    format: str
+
+
+def choose_model(store: ModelStore, query: str) -> ModelChoice:
+    """A path to a model file wins over a store name, so `pocketlm chat ./x.gguf` always means that file."""
+    candidate = Path(query).expanduser()
+    if candidate.suffix.lower() == ".gguf" or candidate.is_file():
+        # GGUF is the only single-file format; the backend's reader says clearly if the file is missing or not one.
+        return ModelChoice(candidate.stem, candidate.resolve(), "gguf")
+    model = store.resolve(query)
+    return ModelChoice(model.name, model.path, model.format)
+
+
+def load_model(choice: ModelChoice, options: LoadOptions, backend: str | None = None) -> ChatModel:
+    return backend_for(choice.format, backend).load(choice.path, options)
+
+
+def default_model_name(store: ModelStore, history: ConversationStore) -> str | None:
+    """The model of the latest conversation, else the first stored one; None when the store is empty."""
+    names = {model.name for model in store.list()}
+    for conversation in history.list():
+        if conversation.model in names:
+            return conversation.model
+    return min(names) if names else None

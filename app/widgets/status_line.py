@@ -1,0 +1,27 @@
+"""One line under the chat: model, backend, speed of the last reply and how full the context is."""
+
+from __future__ import annotations
+
+from textual.reactive import reactive
+from textual.widgets import Static
+
+
+class StatusLine(Static):
+    model_name: reactive[str] = reactive("no model")
+    backend: reactive[str] = reactive("")
+    tokens_per_second: reactive[float | None] = reactive(None)
+    context_used: reactive[int] = reactive(0)
+    context_length: reactive[int] = reactive(0)
+    state: reactive[str] = reactive("")
+
+    def render(self) -> str:
+        parts = [self.model_name]
+        if self.backend:
+            parts.append(self.backend)
+        if self.tokens_per_second is not None:
+            parts.append(f"{self.tokens_per_second:.1f} tokens/s")
+        if self.context_length:
+            parts.append(f"context {self.context_used}/{self.context_length}")
+        if self.state:
+            parts.append(self.state)
+        return " · ".join(parts)

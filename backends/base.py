@@ -1,0 +1,133 @@
+"""The Backend Protocol: what every inference engine (llama.cpp, PyTorch, MLX, a remote server) provides.
+
+A backend loads a model into a ChatModel; a ChatModel streams a reply to a conversation as typed events:
+any number of TextPiece (and at most one ContextTrimmed, before the first piece), then exactly one
+GenerationStats. Cancelling is setting the threading.Event passed to `stream_chat`; the stream then ends
+within one token with stop_reason "cancelled".
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal, Protocol, runtime_checkable
+
+Role = Literal["system", "user", "assistant"]
+StopReason = Literal["end_of_generation", "stop_string", "max_tokens", "context_full", "cancelled"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A LoRA adapter to apply on load, at `scale`."""
+
+    path: Path
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    context_length: int | None = None  # None: the engine's default, bounded by what the model was trained for
+    threads: int | None = None  # None: the engine picks (physical cores)
+    gpu_layers: int = 0  # layers to offload; -1 for all
+    adapters: tuple[AdapterSpec, ...] = ()
+    force: bool = False  # load even when the memory estimate says it will not fit
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7  # 0 means greedy, which is deterministic
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    max_tokens: int | None = None  # None: until end of generation or the context is full
+    seed: int | None = None  # None: a fresh random seed per reply
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks generate a fixed number of tokens
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    text: str
+
+
+@dataclass(frozen=True)
+class ContextTrimmed:
+    """The oldest turns were dropped so the conversation fits the context window."""
+
+    dropped_messages: int
+    prompt_tokens: int
+    context_length: int
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    prompt_tokens: int
+    generated_tokens: int
+    time_to_first_token_s: float
+    generation_s: float
+    stop_reason: StopReason
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first over the time they took (prompt processing excluded)."""
+        if self.generated_tokens <= 1 or self.generation_s <= 0:
+            return 0.0
+        return (self.generated_tokens - 1) / self.generation_s
+
+
+GenerationEvent = TextPiece | ContextTrimmed | GenerationStats
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    name: str
+    backend: str
+    architecture: str
+    parameter_count: int
+    quantization: str
+    context_length: int  # the loaded context window, in tokens
+
+
+@runtime_checkable
+class ChatModel(Protocol):
+    description: ModelDescription
+
+    def stream_chat(
+        self, messages: list[ChatMessage], sampling: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[GenerationEvent]:
+        """Stream the assistant's reply to `messages`; the last event is GenerationStats."""
+        ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def prompt_tokens(self, messages: list[ChatMessage]) -> int:
+        """Tokens the conversation takes once rendered with the model's chat template."""
+        ...
+
+    def close(self) -> None:
+        """Free the model's memory; the object is unusable afterwards."""
+        ...
+
+
+class Backend(Protocol):
+    """An engine. Registered under the entry-point group `pocketlm.backends`."""
+
+    name: ClassVar[str]  # short id shown to users: "llama.cpp", "torch", "mlx"
+    formats: ClassVar[frozenset[str]]  # model formats it loads: "gguf", "safetensors", "mlx", ...
+    install_hint: ClassVar[str]  # what to run when is_available() is False
+
+    @classmethod
+    def is_available(cls) -> bool:
+        """Whether its engine library is installed; must not import it."""
+        ...
+
+    def load(self, model_path: Path, options: LoadOptions) -> ChatModel: ...

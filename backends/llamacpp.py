@@ -1,0 +1,187 @@
+"""The llama.cpp backend, on llama-cpp-python: GGUF models on CPU, Metal or CUDA."""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import importlib.util
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import psutil
+
+from pocketlm.backends.base import (
+    ChatMessage,
+    ContextTrimmed,
+    GenerationEvent,
+    GenerationStats,
+    LoadOptions,
+    ModelDescription,
+    SamplingParams,
+    StopReason,
+    TextPiece,
+)
+from pocketlm.backends.chat_template import render_chat
+from pocketlm.backends.context_window import fit_conversation
+from pocketlm.backends.streaming import StopStringFilter
+from pocketlm.models.errors import ModelFileError, PocketError
+from pocketlm.models.fit import estimate_gguf_memory, require_fit
+from pocketlm.models.gguf_info import GGUFSummary, read_gguf
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+DEFAULT_CONTEXT_LENGTH = 4096
+# llama.cpp's default seed value, which asks it for a random one.
+_RANDOM_SEED = 0xFFFFFFFF
+
+
+def default_threads() -> int:
+    """llama.cpp decodes fastest on physical cores; hyperthreads only add contention."""
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+class LlamaCppBackend:
+    name: ClassVar[str] = "llama.cpp"
+    formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
+    install_hint: ClassVar[str] = "Install it with: pip install 'pocketlm[llama]'"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return importlib.util.find_spec("llama_cpp") is not None
+
+    def load(self, model_path: Path, options: LoadOptions) -> LlamaCppChatModel:
+        summary = read_gguf(model_path)
+        context_length = min(options.context_length or DEFAULT_CONTEXT_LENGTH, 2**24)
+        if not options.force:
+            require_fit(estimate_gguf_memory(summary, context_length), model_path.name)
+        if options.adapters:
+            raise PocketError("The llama.cpp backend does not load LoRA adapters yet.", "Load the model without --adapter.")
+
+        from llama_cpp import Llama
+
+        threads = options.threads or default_threads()
+        try:
+            llm = Llama(
+                model_path=str(model_path),
+                n_ctx=context_length,
+                n_batch=min(512, context_length),
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=options.gpu_layers,
+                seed=_RANDOM_SEED,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as error:
+            raise ModelFileError(
+                f"llama.cpp could not load {model_path.name} (architecture {summary.architecture!r}): {error}.",
+                "The file may be damaged, or of an architecture this llama.cpp build does not support.",
+            ) from None
+        return LlamaCppChatModel(llm, summary, context_length)
+
+
+class LlamaCppChatModel:
+    def __init__(self, llm: Llama, summary: GGUFSummary, context_length: int) -> None:
+        import llama_cpp
+
+        self._llm = llm
+        self._summary = summary
+        self._lock = threading.Lock()
+        self._vocab = llm._model.vocab
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self._token_to_piece = llama_cpp.llama_token_to_piece
+        self._piece_buffer = ctypes.create_string_buffer(256)
+        self.description = ModelDescription(
+            name=summary.path.stem,
+            backend=LlamaCppBackend.name,
+            architecture=summary.architecture,
+            parameter_count=summary.parameter_count,
+            quantization=summary.quantization,
+            context_length=context_length,
+        )
+
+    def _render(self, messages: list[ChatMessage]) -> list[int]:
+        prompt = render_chat(messages, self._summary.chat_template, self._summary.bos_token, self._summary.eos_token)
+        # Templates that write the BOS token themselves must not get a second one.
+        add_bos = self._summary.add_bos_token and not (self._summary.bos_token and prompt.startswith(self._summary.bos_token))
+        return self._llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def prompt_tokens(self, messages: list[ChatMessage]) -> int:
+        return len(self._render(messages))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def _piece(self, token: int) -> bytes:
+        length = self._token_to_piece(self._vocab, token, self._piece_buffer, 256, 0, False)
+        return self._piece_buffer.raw[: max(length, 0)]
+
+    def stream_chat(
+        self, messages: list[ChatMessage], sampling: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[GenerationEvent]:
+        with self._lock:
+            yield from self._stream_locked(messages, sampling, cancel or threading.Event())
+
+    def _stream_locked(self, messages: list[ChatMessage], sampling: SamplingParams, cancel: threading.Event) -> Iterator[GenerationEvent]:
+        started = time.perf_counter()
+        n_ctx = self.description.context_length
+        reply_reserve = min(sampling.max_tokens or n_ctx // 4, n_ctx // 2)
+        kept, dropped, _ = fit_conversation(messages, self.prompt_tokens, n_ctx - reply_reserve)
+        prompt = self._render(kept)
+        if dropped:
+            yield ContextTrimmed(dropped_messages=dropped, prompt_tokens=len(prompt), context_length=n_ctx)
+
+        room = n_ctx - len(prompt)
+        max_tokens = min(sampling.max_tokens or room, room)
+        self._llm.set_seed(_RANDOM_SEED if sampling.seed is None else sampling.seed)
+        tokens = self._llm.generate(
+            prompt,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            min_p=sampling.min_p,
+            temp=max(sampling.temperature, 0.0),
+            repeat_penalty=sampling.repeat_penalty,
+        )
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stop_filter = StopStringFilter(sampling.stop)
+        generated = 0
+        first_token_at = last_token_at = 0.0
+        stop_reason: StopReason = "max_tokens" if sampling.max_tokens and sampling.max_tokens <= room else "context_full"
+        try:
+            while generated < max_tokens:
+                if cancel.is_set():
+                    stop_reason = "cancelled"
+                    break
+                token = next(tokens)
+                if not sampling.ignore_eos and self._is_eog(self._vocab, token):
+                    stop_reason = "end_of_generation"
+                    break
+                last_token_at = time.perf_counter()
+                if not generated:
+                    first_token_at = last_token_at
+                generated += 1
+                text = stop_filter.feed(decoder.decode(self._piece(token)))
+                if text:
+                    yield TextPiece(text)
+                if stop_filter.stopped:
+                    stop_reason = "stop_string"
+                    break
+        finally:
+            tokens.close()
+        if not stop_filter.stopped:
+            tail = stop_filter.feed(decoder.decode(b"", final=True)) + stop_filter.flush()
+            if tail:
+                yield TextPiece(tail)
+        yield GenerationStats(
+            prompt_tokens=len(prompt),
+            generated_tokens=generated,
+            time_to_first_token_s=(first_token_at or time.perf_counter()) - started,
+            generation_s=last_token_at - first_token_at,
+            stop_reason=stop_reason,
+        )
+
+    def close(self) -> None:
+        self._llm.close()

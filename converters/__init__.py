@@ -1,0 +1,1 @@
+"""Format converters and quantizers (GGUF, GPTQ, MLX, LoRA)."""

@@ -1,0 +1,1 @@
+"""Local models: where they live, what format they are, whether they fit."""

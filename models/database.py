@@ -1,0 +1,20 @@
+"""One SQLite connection recipe for every table pocketlm keeps."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open `path` in WAL mode, so a reader never blocks the writer and a killed process loses no commit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # check_same_thread=False: the app streams replies in a worker thread; each store serialises its own writes.
+    connection = sqlite3.connect(path, timeout=10, check_same_thread=False, isolation_level=None)
+    connection.row_factory = sqlite3.Row
+    connection.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode survives a killed process (only a power cut can lose the last commits) and keeps a commit
+    # per streamed piece cheap.
+    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute("PRAGMA foreign_keys=ON")
+    return connection

@@ -1,0 +1,56 @@
+"""Will a model fit in this machine's memory? An estimate, so a load that would swap or be killed is refused first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+
+from pocketlm.models.errors import NotEnoughMemory
+from pocketlm.models.gguf_info import GGUFSummary
+
+# llama.cpp's compute buffers and the runtime's own footprint: measured at a few hundred MiB for small models,
+# growing with width; this errs on the side of a load that succeeds.
+_RUNTIME_OVERHEAD_BYTES = 256 * 2**20
+_WEIGHT_OVERHEAD_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int
+    kv_cache_bytes: int
+    overhead_bytes: int
+    available_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.available_bytes
+
+
+def gib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB"
+
+
+def estimate_gguf_memory(summary: GGUFSummary, context_length: int) -> MemoryEstimate:
+    """Weights (mapped whole), an f16 KV cache for `context_length` tokens, and the runtime's buffers."""
+    return MemoryEstimate(
+        weights_bytes=summary.file_size,
+        kv_cache_bytes=summary.kv_bytes_per_token * context_length,
+        overhead_bytes=_RUNTIME_OVERHEAD_BYTES + int(summary.file_size * _WEIGHT_OVERHEAD_FRACTION),
+        available_bytes=int(psutil.virtual_memory().available),
+    )
+
+
+def require_fit(estimate: MemoryEstimate, model_name: str) -> None:
+    """Refuse, with the numbers, a load the estimate says will not fit."""
+    if estimate.fits:
+        return
+    raise NotEnoughMemory(
+        f"{model_name} needs about {gib(estimate.total_bytes)} (weights {gib(estimate.weights_bytes)}, "
+        f"context cache {gib(estimate.kv_cache_bytes)}) but only {gib(estimate.available_bytes)} of memory is free.",
+        "Use a smaller context (--ctx), a smaller quantization, or --force to try anyway.",
+    )

@@ -1,0 +1,77 @@
+"""Conversations in SQLite: what was shown is stored, even when the process is killed mid-reply."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from pocketlm.app.chat_session import reply
+from pocketlm.app.history import ConversationStore
+from pocketlm.backends.base import ChatModel, GenerationStats, SamplingParams, TextPiece
+from pocketlm.models.locations import database_path
+from pocketlm.models.store import ModelStore
+from tests.fixtures import pocketlm_executable
+
+
+def test_conversations_crud(pocket_home: Path) -> None:
+    history = ConversationStore(database_path())
+    first = history.create(model="m", system_prompt="Be brief.", sampling=SamplingParams(temperature=0.2, seed=7, stop=("###",)))
+    second = history.create(model="m")
+    history.add_message(first.id, "user", "What is the tallest mountain on Earth, and how tall is it exactly?")
+    history.add_message(first.id, "assistant", "Everest, 8,849 m.")
+    stored = history.get(first.id)
+    assert stored is not None
+    assert stored.title == "What is the tallest mountain on Earth, and how…"
+    assert stored.sampling == SamplingParams(temperature=0.2, seed=7, stop=("###",))
+    assert [c.id for c in history.list()] == [first.id, second.id], "the chat with the latest message comes first"
+    assert [m.role for m in history.chat_messages(first.id)] == ["system", "user", "assistant"]
+    history.update(first.id, title="Mountains")
+    assert history.get(first.id).title == "Mountains"  # type: ignore[union-attr]
+    history.delete(first.id)
+    assert history.get(first.id) is None and history.messages(first.id) == []
+    history.close()
+
+
+def test_reply_is_stored_piece_by_piece_and_completed(pocket_home: Path, starter_model: ChatModel) -> None:
+    history = ConversationStore(database_path())
+    conversation = history.create(model=starter_model.description.name)
+    shown = ""
+    for event in reply(history, starter_model, conversation.id, "Name three colours.", SamplingParams(temperature=0, max_tokens=20)):
+        if isinstance(event, TextPiece):
+            shown += event.text
+            # Stored before it is shown: the row already holds everything up to and including this piece.
+            assert history.messages(conversation.id)[-1].content == shown
+        elif isinstance(event, GenerationStats):
+            stats = event
+    user, assistant = history.messages(conversation.id)
+    assert (user.role, user.content, user.status) == ("user", "Name three colours.", "complete")
+    assert (assistant.content, assistant.status) == (shown, "complete")
+    assert assistant.tokens_per_second == stats.tokens_per_second
+
+
+def test_killed_mid_reply_loses_nothing_already_shown(store_with_starter: ModelStore, pocket_home: Path) -> None:
+    process = subprocess.Popen(
+        [pocketlm_executable(), "chat", "SmolLM2", "--temp", "0", "--max-tokens", "1000"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={**os.environ, "POCKETLM_HOME": str(pocket_home)},
+    )  # fmt: skip
+    assert process.stdin and process.stdout
+    process.stdin.write(b"Write a very long story about a dragon who learns to bake bread.\n")
+    process.stdin.close()
+    shown = b""
+    while len(shown) < 120:
+        chunk = os.read(process.stdout.fileno(), 4096)
+        assert chunk, "the reply ended before the test could kill it"
+        shown += chunk
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+    history = ConversationStore(database_path())  # reopened after the crash: WAL recovery, no corruption
+    assert history._connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    (conversation,) = history.list()
+    user, assistant = history.messages(conversation.id)
+    assert user.content.startswith("Write a very long story about a dragon")
+    assert assistant.status == "streaming", "it never finished"
+    assert assistant.content.startswith(shown.decode("utf-8", errors="ignore").rstrip("\ufffd"))

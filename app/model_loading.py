@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pocketlm.app.history import ConversationStore
@@ -29,7 +29,10 @@ def choose_model(store: ModelStore, query: str) -> ModelChoice:
 
 
 def load_model(choice: ModelChoice, options: LoadOptions, backend: str | None = None) -> ChatModel:
-    return backend_for(choice.format, backend).load(choice.path, options)
+    model = backend_for(choice.format, backend).load(choice.path, options)
+    # Users know a model by its store name; the backend only saw a file.
+    model.description = replace(model.description, name=choice.name)
+    return model
 
 
 def default_model_name(store: ModelStore, history: ConversationStore) -> str | None:

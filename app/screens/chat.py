@@ -34,8 +34,8 @@ class ChatScreen(Screen[None]):
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
         Binding("ctrl+n", "new_chat", "New chat"),
-        Binding("ctrl+e", "rename_chat", "Rename"),
-        Binding("ctrl+w", "delete_chat", "Delete"),
+        Binding("f2", "rename_chat", "Rename"),
+        Binding("f8", "delete_chat", "Delete"),
         Binding("ctrl+o", "open_model", "Model"),
         Binding("ctrl+s", "settings", "Settings"),
     ]

@@ -43,7 +43,7 @@ class ChatSettingsDialog(ModalScreen[ChatSettings | None]):
                 for input_id, label, field, _ in _FIELDS:
                     value = getattr(self._settings.sampling, field)
                     yield Label(label)
-                    yield Input("" if value is None else str(value), id=input_id)
+                    yield Input("" if value is None else str(value), id=input_id, compact=True)
             with Horizontal(classes="buttons"):
                 yield Button("Save", variant="primary", id="save")
                 yield Button("Cancel", id="cancel")

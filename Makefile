@@ -1,0 +1,20 @@
+# The two set-up commands of the README. Both make a virtual environment in .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: chat test
+
+# Install pocketlm with the llama.cpp backend and open the app (it offers the starter model when none is installed).
+chat: $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[llama]'
+	$(BIN)/pocketlm
+
+# Install everything the tests need and run the whole suite.
+test: $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[llama,test]'
+	$(BIN)/python -m pytest
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip

@@ -1,0 +1,50 @@
+"""Snapshots of the main screens (pytest-textual-snapshot). Update deliberately with --snapshot-update."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pocketlm.app.history import ConversationStore
+from pocketlm.app.pocket_app import PocketApp
+from pocketlm.backends.base import LoadOptions
+from pocketlm.models.locations import database_path
+from pocketlm.models.store import ModelStore
+
+SIZE = (110, 32)
+
+
+def seeded_conversations() -> None:
+    history = ConversationStore(database_path())
+    older = history.create(model="SmolLM2-135M-Instruct")
+    history.add_message(older.id, "user", "Name three rivers in Europe.")
+    history.add_message(older.id, "assistant", "The Danube, the Rhine and the Seine.")
+    latest = history.create(model="SmolLM2-135M-Instruct", system_prompt="Answer in one short sentence.")
+    history.add_message(latest.id, "user", "What is the capital of France?")
+    history.add_message(latest.id, "assistant", "The capital of France is **Paris**.\n\n- population: about 2.1 million\n- river: the Seine")
+    history.close()
+
+
+async def wait_for_model(pilot) -> None:  # type: ignore[no-untyped-def]
+    while pilot.app.chat_screen.model is None:
+        await pilot.pause(0.05)
+    await pilot.pause()
+
+
+def test_chat_screen(snap_compare, store_with_starter: ModelStore) -> None:  # type: ignore[no-untyped-def]
+    seeded_conversations()
+    assert snap_compare(PocketApp(load_options=LoadOptions(context_length=2048)), terminal_size=SIZE, run_before=wait_for_model)
+
+
+def test_chat_settings_dialog(snap_compare, store_with_starter: ModelStore) -> None:  # type: ignore[no-untyped-def]
+    seeded_conversations()
+
+    async def open_settings(pilot) -> None:  # type: ignore[no-untyped-def]
+        await wait_for_model(pilot)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+
+    assert snap_compare(PocketApp(load_options=LoadOptions(context_length=2048)), terminal_size=SIZE, run_before=open_settings)
+
+
+def test_starter_offer(snap_compare, pocket_home: Path) -> None:  # type: ignore[no-untyped-def]
+    assert snap_compare(PocketApp(), terminal_size=SIZE)

@@ -2,8 +2,10 @@
 
     python benchmarks/chat_speed.py [--model PATH] [--llama-bench PATH/TO/llama-bench] [--threads N] [--repetitions 5]
 
-Three rows, measured in one run on the same file and thread count:
-  llama-bench         llama.cpp's C++ tool, `-p 0 -n 128` (the reference; optional)
+Rows, measured in one run on the same file and thread count:
+  llama-bench         llama.cpp's C++ tool, `-p 0 -n 128`, as you built it (optional)
+  llama-bench, same   the same tool on the libraries llama-cpp-python compiled (LD_LIBRARY_PATH, Linux): the
+                      reference, since it isolates the bindings' and pocketlm's cost from compiler flags
   llama-cpp-python    the bare `Llama.generate` loop, greedy: the bindings' own per-token cost
   pocketlm            `ChatModel.stream_chat`: template, detokenising, stop strings, events
 Each measures 128 generated tokens after a warm-up, and reports mean ± sd of tokens/s over the repetitions.
@@ -13,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -63,10 +67,11 @@ def bare_binding_rates(model_path: Path, threads: int, repetitions: int) -> list
     return rates
 
 
-def llama_bench_rates(binary: Path, model_path: Path, threads: int, repetitions: int) -> list[float]:
+def llama_bench_rates(binary: Path, model_path: Path, threads: int, repetitions: int, library_dir: Path | None = None) -> list[float]:
+    environment = {**os.environ, "LD_LIBRARY_PATH": str(library_dir)} if library_dir else None
     output = subprocess.run(
         [str(binary), "-m", str(model_path), "-p", "0", "-n", str(TOKENS), "-t", str(threads), "-r", str(repetitions), "-o", "json"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=environment,
     ).stdout  # fmt: skip
     (result,) = json.loads(output)
     return [float(rate) for rate in result["samples_ts"]]
@@ -83,7 +88,12 @@ def main() -> None:
 
     rows: list[tuple[str, list[float]]] = []
     if args.llama_bench:
-        rows.append(("llama-bench (C++)", llama_bench_rates(args.llama_bench, model_path, args.threads, args.repetitions)))
+        import llama_cpp
+
+        bindings_libraries = Path(llama_cpp.__file__).parent / "lib"
+        if sys.platform == "linux" and bindings_libraries.is_dir():
+            rows.append(("llama-bench, bindings' build", llama_bench_rates(args.llama_bench, model_path, args.threads, args.repetitions, bindings_libraries)))
+        rows.append(("llama-bench, own build", llama_bench_rates(args.llama_bench, model_path, args.threads, args.repetitions)))
     rows.append(("llama-cpp-python generate()", bare_binding_rates(model_path, args.threads, args.repetitions)))
     rows.append(("pocketlm stream_chat()", pocketlm_rates(model_path, args.threads, args.repetitions)))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from textual import on, work
@@ -28,6 +29,9 @@ from pocketlm.models.errors import PocketError
 
 if TYPE_CHECKING:
     from pocketlm.app.pocket_app import PocketApp
+
+
+_UI_BATCH_SECONDS = 0.05
 
 
 class ChatScreen(Screen[None]):
@@ -161,12 +165,22 @@ class ChatScreen(Screen[None]):
         self._cancel = threading.Event()
         self.query_one(StatusLine).state = "generating…"
         self.generate(self.model, self.conversation_id, event.text, conversation.sampling, self._cancel)
-        await self.refresh_conversations()
 
     @work(thread=True, group="generate")
     def generate(self, model: ChatModel, conversation_id: int, text: str, sampling: SamplingParams, cancel: threading.Event) -> None:
+        # Text is handed to the UI in batches: a message per token would keep the event loop (and a CPU core that
+        # llama.cpp's threads need) busy re-rendering, slowing generation several-fold on small models.
+        pending, last_post = "", 0.0
         try:
             for event in reply(self.app.history, model, conversation_id, text, sampling, cancel):
+                if isinstance(event, TextPiece):
+                    pending += event.text
+                    if time.monotonic() - last_post < _UI_BATCH_SECONDS:
+                        continue
+                    event, pending, last_post = TextPiece(pending), "", time.monotonic()
+                elif pending:
+                    self.post_message(GenerationUpdate(TextPiece(pending)))
+                    pending = ""
                 self.post_message(GenerationUpdate(event))
         except PocketError as error:
             self.post_message(GenerationFailed(str(error)))
@@ -176,6 +190,8 @@ class ChatScreen(Screen[None]):
     async def on_generation_update(self, message: GenerationUpdate) -> None:
         event = message.event
         if isinstance(event, TextPiece) and self._stream is not None:
+            if not self._reply_text:  # the worker has stored the user's message by now: show the chat's new title
+                await self.refresh_conversations()
             self._reply_text += event.text
             await self._stream.write(event.text)
         elif isinstance(event, ContextTrimmed):

@@ -21,16 +21,19 @@ def reply(
     history.add_message(conversation_id, "user", user_text)
     messages = history.chat_messages(conversation_id)
     reply_id = history.add_message(conversation_id, "assistant", "", status="streaming", model=model.description.name)
+    finished = False
     try:
         for event in model.stream_chat(messages, sampling, cancel):
             if isinstance(event, TextPiece):
                 history.append_to_message(reply_id, event.text)
             elif isinstance(event, GenerationStats):
                 history.finish_message(reply_id, "cancelled" if event.stop_reason == "cancelled" else "complete", event)
+                finished = True
             yield event
     except (GeneratorExit, KeyboardInterrupt):
         # The reader stopped listening (Ctrl-C, a closed pipe): keep what was streamed, as a cancel would.
-        history.finish_message(reply_id, "cancelled")
+        if not finished:
+            history.finish_message(reply_id, "cancelled")
         raise
     except Exception:
         history.finish_message(reply_id, "failed")

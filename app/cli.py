@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 import threading
 from typing import TYPE_CHECKING
@@ -35,6 +36,14 @@ class PocketGroup(click.Group):
             ctx.exit(exit_codes.ERROR)
         except KeyboardInterrupt:
             ctx.exit(exit_codes.INTERRUPTED)
+        except BrokenPipeError:  # the reader of our output went away (`pocketlm run ... | head -1`)
+            ctx.exit(exit_codes.OK)
+        except (OSError, sqlite3.Error) as error:
+            if ctx.params.get("debug"):
+                raise
+            click.secho(f"Error: {error}", fg="red", err=True)
+            click.echo("Check that pocketlm's data directory (POCKETLM_HOME) is writable and the disk is not full.", err=True)
+            ctx.exit(exit_codes.ERROR)
 
 
 @click.group(cls=PocketGroup, invoke_without_command=True)
@@ -218,13 +227,15 @@ def chat(model: str | None, system: str, temperature: float, top_p: float, top_k
     latest = history.list()[:1] if resume else []
     conversation = latest[0] if latest else history.create(model=name, system_prompt=system, sampling=sampling)
     if not interactive:
-        text = sys.stdin.read().strip()
+        text = sys.stdin.buffer.read().decode("utf-8", errors="replace").strip()
         if not text:
             raise click.UsageError("Nothing to answer: standard input was empty.")
         _stream_reply(history, chat_model, conversation.id, text, sampling, None)
         return
 
     import readline  # noqa: F401  (line editing and history for input())
+
+    from pocketlm.models.errors import PocketError
 
     console.print(f"[bold]{name}[/bold] on {chat_model.description.backend} · {chat_model.description.context_length} tokens of context. /? for help.")
     while (text := _read_message()) is not None:
@@ -240,7 +251,10 @@ def chat(model: str | None, system: str, temperature: float, top_p: float, top_k
             conversation = history.create(model=name, system_prompt=system, sampling=sampling)
             console.print("[dim]New conversation.[/dim]")
         else:
-            _stream_reply(history, chat_model, conversation.id, text, sampling, console)
+            try:
+                _stream_reply(history, chat_model, conversation.id, text, sampling, console)
+            except PocketError as error:  # one failed turn (too long, refused by the template) ends no session
+                console.print(f"[red]Error:[/red] {error.message} {error.hint}")
     chat_model.close()
 
 

@@ -121,10 +121,20 @@ class ConversationStore:
         return [StoredMessage(row["id"], row["role"], row["content"], row["status"], row["tokens_per_second"]) for row in rows]
 
     def chat_messages(self, conversation_id: int) -> list[ChatMessage]:
-        """The conversation as a model sees it: the system prompt, then every non-empty turn."""
+        """The conversation as a model sees it: the system prompt, then its turns.
+
+        A reply that failed or was stopped before its first word is left out with the message it answered, so
+        the turns keep alternating (many chat templates refuse two user messages in a row).
+        """
         conversation = self.get(conversation_id)
-        system = [ChatMessage("system", conversation.system_prompt)] if conversation and conversation.system_prompt else []
-        return system + [ChatMessage(m.role, m.content) for m in self.messages(conversation_id) if m.content and m.status != "failed"]
+        turns = [ChatMessage("system", conversation.system_prompt)] if conversation and conversation.system_prompt else []
+        for message in self.messages(conversation_id):
+            if message.role == "assistant" and (message.status == "failed" or not message.content):
+                if turns and turns[-1].role == "user":
+                    turns.pop()
+                continue
+            turns.append(ChatMessage(message.role, message.content))
+        return turns
 
     def add_message(self, conversation_id: int, role: Role, content: str, status: MessageStatus = "complete", model: str = "") -> int:
         now = time.time()

@@ -22,12 +22,14 @@ class GenerationFailed(Message):
 
 
 class ModelLoaded(Message):
-    def __init__(self, model: ChatModel) -> None:
+    def __init__(self, model: ChatModel, serial: int) -> None:
         super().__init__()
         self.model = model
+        self.serial = serial
 
 
 class ModelLoadFailed(Message):
-    def __init__(self, error: str) -> None:
+    def __init__(self, error: str, serial: int) -> None:
         super().__init__()
         self.error = error
+        self.serial = serial

@@ -48,6 +48,4 @@ class PocketApp(App[None]):
         return self._initial_model or default_model_name(self.store, self.history)
 
     def on_unmount(self) -> None:
-        model = self.chat_screen.model
-        if model is not None:
-            model.close()
+        self.chat_screen.close_model()

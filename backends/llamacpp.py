@@ -55,7 +55,8 @@ class LlamaCppBackend:
 
     def load(self, model_path: Path, options: LoadOptions) -> LlamaCppChatModel:
         summary = read_gguf(model_path)
-        context_length = min(options.context_length or DEFAULT_CONTEXT_LENGTH, 2**24)
+        # The default never exceeds what the model was trained for; an explicit --ctx is the user's call.
+        context_length = min(options.context_length or min(DEFAULT_CONTEXT_LENGTH, summary.context_length), 2**24)
         if not options.force:
             require_fit(estimate_gguf_memory(summary, context_length), model_path.name)
         if options.adapters:
@@ -75,18 +76,24 @@ class LlamaCppBackend:
             verbose=False,
         )
         try:
-            try:
-                # llama.cpp itself defaults to flash attention where the device has it (10% faster decoding here);
-                # the bindings can only force it on or off, so fall back to off where it is refused.
-                llm = Llama(**settings, flash_attn=True)
-            except ValueError:
-                llm = Llama(**settings, flash_attn=False)
+            llm = self._create(Llama, settings)
         except (ValueError, RuntimeError) as error:
             raise ModelFileError(
                 f"llama.cpp could not load {model_path.name} (architecture {summary.architecture!r}): {error}.",
                 "The file may be damaged, or of an architecture this llama.cpp build does not support.",
             ) from None
         return LlamaCppChatModel(llm, summary, context_length)
+
+    @staticmethod
+    def _create(llama_class: type[Llama], settings: dict) -> Llama:  # type: ignore[type-arg]
+        # llama.cpp itself defaults to flash attention where the device has it (10% faster decoding here); the
+        # bindings can only force it on or off, so where a context with it is refused, make one without.
+        try:
+            return llama_class(**settings, flash_attn=True)
+        except ValueError as error:
+            if "context" not in str(error).lower():
+                raise
+        return llama_class(**settings, flash_attn=False)
 
 
 class LlamaCppChatModel:
@@ -125,7 +132,10 @@ class LlamaCppChatModel:
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def _piece(self, token: int) -> bytes:
-        length = self._token_to_piece(self._vocab, token, self._piece_buffer, 256, 0, False)
+        length = self._token_to_piece(self._vocab, token, self._piece_buffer, len(self._piece_buffer), 0, False)
+        if length < 0:  # the buffer was too small; llama.cpp says how big it must be
+            self._piece_buffer = ctypes.create_string_buffer(-length)
+            length = self._token_to_piece(self._vocab, token, self._piece_buffer, -length, 0, False)
         return self._piece_buffer.raw[: max(length, 0)]
 
     def stream_chat(
@@ -194,4 +204,6 @@ class LlamaCppChatModel:
         )
 
     def close(self) -> None:
-        self._llm.close()
+        """Frees the model once no reply is streaming (a running stream is cancelled by its caller first)."""
+        with self._lock:
+            self._llm.close()

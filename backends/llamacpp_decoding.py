@@ -7,17 +7,28 @@ record of what the KV cache holds, and reuses the longest shared prefix between 
 
 from __future__ import annotations
 
+import ctypes
 from typing import TYPE_CHECKING
 
 import llama_cpp
 
 from pocketlm.backends.base import SamplingParams
+from pocketlm.models.errors import PocketError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
 # llama.cpp's default window for the repetition penalty.
 _PENALTY_WINDOW = 64
+
+
+def _init_penalties(window: int, repeat: float, frequency: float, presence: float) -> llama_cpp.llama_sampler_p:
+    # llama-cpp-python 0.3.36 still declares this function's old five-argument signature (n_vocab first), which the
+    # llama.cpp it bundles no longer has; call the C symbol with its real four-argument prototype.
+    function = llama_cpp.llama_cpp._lib.llama_sampler_init_penalties
+    function.argtypes = [ctypes.c_int32, ctypes.c_float, ctypes.c_float, ctypes.c_float]
+    function.restype = llama_cpp.llama_sampler_p_ctypes
+    return function(window, repeat, frequency, presence)
 
 
 class Sampler:
@@ -27,7 +38,7 @@ class Sampler:
         self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         stages = []
         if sampling.repeat_penalty != 1.0:
-            stages.append(llama_cpp.llama_sampler_init_penalties(_PENALTY_WINDOW, sampling.repeat_penalty, 0.0, 0.0))
+            stages.append(_init_penalties(_PENALTY_WINDOW, sampling.repeat_penalty, 0.0, 0.0))
         if sampling.temperature <= 0:
             stages.append(llama_cpp.llama_sampler_init_greedy())
         else:
@@ -95,5 +106,5 @@ class DecodeLoop:
             # The cache no longer matches our record; forget it so the next prompt is decoded whole.
             llama_cpp.llama_memory_clear(self._memory, True)
             self._cached.clear()
-            raise RuntimeError(f"llama_decode returned {status}")
+            raise PocketError(f"llama.cpp failed to decode (llama_decode returned {status}).", "Try a smaller context (--ctx), or restart.")
 

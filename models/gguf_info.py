@@ -19,6 +19,7 @@ GGUF_MAGIC = b"GGUF"
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
 _DEFAULT_ALIGNMENT = 32
+_MAX_DECODED_ARRAY = 4096
 
 
 @dataclass(frozen=True)
@@ -67,18 +68,20 @@ class _HeaderCursor:
         self.offset += size
         return value
 
-    def string(self) -> str:
+    def string(self, keep: bool = True) -> str | None:
         length = int(self.unpack("Q"))  # type: ignore[call-overload]
         if self.offset + length > len(self.data):
             raise _Truncated
-        text = bytes(self.data[self.offset : self.offset + length]).decode("utf-8", errors="replace")
+        start = self.offset
         self.offset += length
-        return text
+        return bytes(self.data[start : self.offset]).decode("utf-8", errors="replace") if keep else None
 
-    def value(self, value_type: int, keep_strings: bool = True) -> object:
+    def value(self, value_type: int, keep_strings: bool = True, nested: bool = False) -> object:
         if value_type == _STRING:
-            return self.string()
+            return self.string(keep=keep_strings or not nested)
         if value_type == _ARRAY:
+            if nested:
+                raise ValueError("an array nested in an array")
             item_type, count = int(self.unpack("I")), int(self.unpack("Q"))  # type: ignore[call-overload]
             if item_type in _SCALAR_FORMATS:
                 item_size = struct.calcsize(_SCALAR_FORMATS[item_type])
@@ -86,9 +89,11 @@ class _HeaderCursor:
                     raise _Truncated
                 start = self.offset
                 self.offset += item_size * count
-                # Only short arrays are decoded; vocabularies and merges are skipped over.
-                return list(struct.unpack_from(f"<{count}{_SCALAR_FORMATS[item_type]}", self.data, start)) if count <= 64 else None
-            items = [self.value(item_type, keep_strings) for _ in range(count)]
+                # Per-layer values are decoded; vocabulary-sized arrays (scores, token types) are only skipped.
+                return list(struct.unpack_from(f"<{count}{_SCALAR_FORMATS[item_type]}", self.data, start)) if count <= _MAX_DECODED_ARRAY else None
+            if count > len(self.data):
+                raise _Truncated
+            items = [self.value(item_type, keep_strings, nested=True) for _ in range(count)]
             return items if keep_strings else None
         if value_type in _SCALAR_FORMATS:
             return self.unpack(_SCALAR_FORMATS[value_type])
@@ -101,7 +106,7 @@ def _damaged(path: Path, what: str) -> ModelFileError:
 
 def read_gguf(path: Path) -> GGUFSummary:
     """Summarise `path`, refusing files that are not GGUF, truncated, or whose tensors point outside the file."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     path = Path(path)
     if not path.is_file():
@@ -150,7 +155,18 @@ def read_gguf(path: Path) -> GGUFSummary:
                 raise _damaged(path, f"corrupted ({error})") from None
             header_end = cursor.offset
 
+    try:
+        return _summarise(path, file_size, metadata, tensor_extents, header_end)
+    except (ValueError, TypeError) as error:  # metadata of the wrong type or shape for its key
+        raise _damaged(path, f"corrupted: its metadata is inconsistent ({error})") from None
+
+
+def _summarise(path: Path, file_size: int, metadata: dict[str, object], tensor_extents: list[tuple[str, int, int, int]], header_end: int) -> GGUFSummary:
+    from gguf.constants import LlamaFileType
+
     alignment = int(metadata.get("general.alignment", _DEFAULT_ALIGNMENT))  # type: ignore[call-overload]
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"general.alignment {alignment} is not a power of two")
     data_start = header_end + (-header_end % alignment)
     for name, offset, n_bytes, _ in tensor_extents:
         end = data_start + offset + n_bytes
@@ -162,7 +178,7 @@ def read_gguf(path: Path) -> GGUFSummary:
     def arch_int(key: str, default: int = 0) -> int:
         value = metadata.get(f"{architecture}.{key}", default)
         if isinstance(value, list):  # per-layer values (e.g. head_count_kv in some models): the largest one
-            value = max(value)
+            value = max(value, default=default)
         return int(value)  # type: ignore[call-overload]
 
     tokens = metadata.get("tokenizer.ggml.tokens")

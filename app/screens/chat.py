@@ -53,6 +53,7 @@ class ChatScreen(Screen[None]):
         self._cancel: threading.Event | None = None
         self._stream: MarkdownStream | None = None
         self._reply_text = ""
+        self._load_serial = 0  # only the latest load request's model is kept
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -102,20 +103,23 @@ class ChatScreen(Screen[None]):
             status.context_used = 0
             return
         messages = self.app.history.chat_messages(self.conversation_id)
-        status.context_used = self.model.prompt_tokens(messages) if messages else 0
+        try:
+            status.context_used = self.model.prompt_tokens(messages) if messages else 0
+        except PocketError:  # a template that refuses this conversation says so when it is sent; not here
+            status.context_used = 0
 
     # Model loading ----------------------------------------------------------------------------------------------
 
-    @work(thread=True, exclusive=True, group="load")
-    def load_model(self, name: str) -> None:
+    @work(thread=True, group="load")
+    def load_model(self, name: str, serial: int) -> None:
         from pocketlm.app.model_loading import choose_model, load_model
 
         try:
             model = load_model(choose_model(self.app.store, name), self.app.load_options, self.app.backend)
         except PocketError as error:
-            self.post_message(ModelLoadFailed(str(error)))
+            self.post_message(ModelLoadFailed(str(error), serial))
             return
-        self.post_message(ModelLoaded(model))
+        self.post_message(ModelLoaded(model, serial))
 
     def begin_loading(self, name: str) -> None:
         if self.generating:
@@ -123,9 +127,17 @@ class ChatScreen(Screen[None]):
             return
         status = self.query_one(StatusLine)
         status.model_name, status.backend, status.state = name, "", "loading…"
-        self.load_model(name)
+        self._load_serial += 1
+        self.load_model(name, self._load_serial)
+
+    @property
+    def loading(self) -> bool:
+        return self.query_one(StatusLine).state == "loading…"
 
     def on_model_loaded(self, message: ModelLoaded) -> None:
+        if message.serial != self._load_serial:  # a newer request superseded this one
+            message.model.close()
+            return
         if self.model is not None:
             self.model.close()
         self.model = message.model
@@ -138,6 +150,8 @@ class ChatScreen(Screen[None]):
         self._update_context_used()
 
     def on_model_load_failed(self, message: ModelLoadFailed) -> None:
+        if message.serial != self._load_serial:
+            return
         self.query_one(StatusLine).state = "no model loaded"
         self.notify(message.error, title="Could not load the model", severity="error", timeout=15)
 
@@ -147,6 +161,9 @@ class ChatScreen(Screen[None]):
     async def send(self, event: PromptInput.Submitted) -> None:
         if self.generating:
             self.notify("Wait for the reply to finish, or press Esc to stop it.", severity="warning")
+            return
+        if self.loading:
+            self.notify("The model is still loading.", severity="warning")
             return
         if self.model is None:
             self.notify("No model is loaded yet: press Ctrl+O to open one.", severity="warning")
@@ -222,6 +239,13 @@ class ChatScreen(Screen[None]):
     def action_stop(self) -> None:
         if self._cancel is not None:
             self._cancel.set()
+
+    def close_model(self) -> None:
+        """Cancel any reply, then free the model (closing waits for the stream to end, within a token)."""
+        self.action_stop()
+        if self.model is not None:
+            self.model.close()
+            self.model = None
 
     async def action_new_chat(self) -> None:
         if self.generating:

@@ -19,12 +19,12 @@ class ChatSettings:
     sampling: SamplingParams
 
 
-_FIELDS = (  # (input id, label, SamplingParams field, type)
-    ("temperature", "Temperature (0 = greedy)", "temperature", float),
-    ("top-p", "Top-p", "top_p", float),
-    ("top-k", "Top-k", "top_k", int),
-    ("max-tokens", "Max tokens (empty = no limit)", "max_tokens", int),
-    ("seed", "Seed (empty = random)", "seed", int),
+_FIELDS = (  # (input id, label, SamplingParams field, type, lowest, highest)
+    ("temperature", "Temperature (0 = greedy)", "temperature", float, 0.0, 10.0),
+    ("top-p", "Top-p", "top_p", float, 0.0, 1.0),
+    ("top-k", "Top-k", "top_k", int, 0, 1_000_000),
+    ("max-tokens", "Max tokens (empty = no limit)", "max_tokens", int, 1, 2**31 - 1),
+    ("seed", "Seed (empty = random)", "seed", int, 0, 2**32 - 2),
 )
 
 
@@ -40,7 +40,7 @@ class ChatSettingsDialog(ModalScreen[ChatSettings | None]):
             yield Label("System prompt")
             yield TextArea(self._settings.system_prompt, id="system-prompt")
             with Grid(id="sampling-grid"):
-                for input_id, label, field, _ in _FIELDS:
+                for input_id, label, field, *_ in _FIELDS:
                     value = getattr(self._settings.sampling, field)
                     yield Label(label)
                     yield Input("" if value is None else str(value), id=input_id, compact=True)
@@ -53,15 +53,18 @@ class ChatSettingsDialog(ModalScreen[ChatSettings | None]):
             self.dismiss(None)
             return
         changes: dict[str, object] = {}
-        for input_id, label, field, kind in _FIELDS:
+        for input_id, label, field, kind, lowest, highest in _FIELDS:
             text = self.query_one(f"#{input_id}", Input).value.strip()
             if not text and field in ("max_tokens", "seed"):
                 changes[field] = None
                 continue
             try:
-                changes[field] = kind(text)
+                value = kind(text)
             except ValueError:
-                self.notify(f"{label} must be a number.", severity="error")
+                value = None
+            if value is None or not lowest <= value <= highest:  # NaN fails this too
+                self.notify(f"{label} must be a number from {lowest} to {highest}.", severity="error")
                 return
+            changes[field] = value
         system_prompt = self.query_one("#system-prompt", TextArea).text.strip()
         self.dismiss(ChatSettings(system_prompt, replace(self._settings.sampling, **changes)))  # type: ignore[arg-type]

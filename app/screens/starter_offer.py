@@ -18,7 +18,7 @@ from pocketlm.models.store import ModelStore
 class StarterOffer(ModalScreen[str | None]):
     """Dismisses with the installed model's name, or None if the user declines."""
 
-    BINDINGS = [Binding("escape", "dismiss(None)", "Not now")]
+    BINDINGS = [Binding("escape", "decline", "Not now")]
 
     def __init__(self, store: ModelStore) -> None:
         super().__init__()
@@ -40,11 +40,16 @@ class StarterOffer(ModalScreen[str | None]):
     def on_mount(self) -> None:
         self.query_one("#progress").display = False
 
+    def action_decline(self) -> None:
+        if not self.query_one("#fetch", Button).disabled:  # once fetching, the download finishes or fails first
+            self.dismiss(None)
+
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id == "cancel":
-            self.dismiss(None)
+            self.action_decline()
             return
         event.button.disabled = True
+        self.query_one("#cancel", Button).disabled = True
         self.query_one("#progress").display = True
         self.fetch()
 

@@ -146,3 +146,17 @@ async def test_load_failure_is_a_notification(store_with_starter: ModelStore, tm
         (notification,) = list(app._notifications)
         assert "broken.gguf is truncated" in notification.message and notification.severity == "error"
         assert app.chat_screen.model is None
+
+
+async def test_quitting_mid_reply_stops_it_and_keeps_it(store_with_starter: ModelStore) -> None:
+    app = greedy_app(max_tokens=None)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = app.chat_screen
+        await wait_for(pilot, lambda: screen.model is not None)
+        await send(pilot, "Write a very long essay about the history of bread.")
+        await wait_for(pilot, lambda: len(views(app)) == 2 and len(views(app)[1].source) > 20)
+        conversation_id = screen.conversation_id
+    # Leaving the block unmounted the app while the reply streamed: the model was freed only after the stream ended.
+    assert screen.model is None
+    (_, reply) = app.history.messages(conversation_id)  # type: ignore[arg-type]
+    assert reply.status == "cancelled" and len(reply.content) > 20

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pocketlm.app.chat_session import reply
 from pocketlm.app.history import ConversationStore
-from pocketlm.backends.base import ChatModel, GenerationStats, SamplingParams, TextPiece
+from pocketlm.backends.base import ChatMessage, ChatModel, GenerationStats, SamplingParams, TextPiece
 from pocketlm.models.locations import database_path
 from pocketlm.models.store import ModelStore
 from tests.fixtures import pocketlm_executable
@@ -75,3 +75,15 @@ def test_killed_mid_reply_loses_nothing_already_shown(store_with_starter: ModelS
     assert user.content.startswith("Write a very long story about a dragon")
     assert assistant.status == "streaming", "it never finished"
     assert assistant.content.startswith(shown.decode("utf-8", errors="ignore").rstrip("\ufffd"))
+
+
+def test_a_reply_that_never_started_is_left_out_with_its_question(pocket_home: Path) -> None:
+    history = ConversationStore(database_path())
+    conversation = history.create()
+    history.add_message(conversation.id, "user", "first")
+    history.add_message(conversation.id, "assistant", "", status="cancelled")
+    history.add_message(conversation.id, "user", "second")
+    history.add_message(conversation.id, "assistant", "partial answer", status="cancelled")
+    history.add_message(conversation.id, "user", "third")
+    history.add_message(conversation.id, "assistant", "", status="failed")
+    assert history.chat_messages(conversation.id) == [ChatMessage("user", "second"), ChatMessage("assistant", "partial answer")]

@@ -143,3 +143,10 @@ def test_too_big_for_memory_is_refused_with_the_numbers(starter_gguf: Path) -> N
     # 8M tokens of f16 KV cache for this model is about 172 GiB: more than any test machine has free.
     with pytest.raises(NotEnoughMemory, match=r"needs about \d+\.\d GiB .* only \d+\.\d GiB of memory is free"):
         LlamaCppBackend().load(starter_gguf, LoadOptions(context_length=8_000_000))
+
+
+def test_repeat_penalty_changes_a_repetitive_greedy_reply(starter_model: ChatModel) -> None:
+    question = [ChatMessage("user", "Repeat the word 'cat' twenty times.")]
+    plain, _ = collect(list(starter_model.stream_chat(question, SamplingParams(temperature=0, max_tokens=40))))
+    penalised, _ = collect(list(starter_model.stream_chat(question, SamplingParams(temperature=0, max_tokens=40, repeat_penalty=1.5))))
+    assert plain.lower().count("cat") > penalised.lower().count("cat")

@@ -64,3 +64,37 @@ def test_impossible_tensor_type(starter_gguf: Path, tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(ModelFileError, match="unknown type 9999"):
         read_gguf(path)
+
+
+def crafted_gguf(path: Path, key: str, value_type: int, payload: bytes) -> Path:
+    """A GGUF v3 header with no tensors and one metadata entry, written byte by byte as the spec lays it out."""
+    encoded_key = key.encode()
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(encoded_key)) + encoded_key + struct.pack("<I", value_type)
+    path.write_bytes(header + payload)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("key", "value_type", "payload", "message"),
+    [
+        ("general.alignment", 4, struct.pack("<I", 0), "alignment 0 is not a power of two"),
+        ("x", 9, struct.pack("<IQ", 9, 1) + struct.pack("<IQ", 4, 0), "an array nested in an array"),
+        ("general.architecture", 8, struct.pack("<Q", 2**60), "truncated"),
+        ("x", 9, struct.pack("<IQ", 8, 2**62), "truncated"),
+    ],
+    ids=["zero-alignment", "nested-array", "huge-string", "huge-array"],
+)
+def test_crafted_headers_are_refused_cleanly(tmp_path: Path, key: str, value_type: int, payload: bytes, message: str) -> None:
+    with pytest.raises(ModelFileError, match=message):
+        read_gguf(crafted_gguf(tmp_path / "crafted.gguf", key, value_type, payload))
+
+
+def test_wrongly_typed_metadata_is_refused_cleanly(tmp_path: Path) -> None:
+    architecture = crafted_gguf(tmp_path / "a.gguf", "general.architecture", 8, struct.pack("<Q", 5) + b"llama")
+    data = bytearray(architecture.read_bytes())
+    struct.pack_into("<Q", data, 16, 2)  # two metadata entries: add llama.block_count as a string
+    key = b"llama.block_count"
+    data += struct.pack("<Q", len(key)) + key + struct.pack("<I", 8) + struct.pack("<Q", 3) + b"ten"
+    architecture.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="metadata is inconsistent"):
+        read_gguf(architecture)

@@ -44,6 +44,15 @@ def views(app: PocketApp) -> list[ChatMessageView]:
     return list(app.chat_screen.query(ChatMessageView))
 
 
+async def start_a_long_reply(pilot) -> ChatScreen:  # type: ignore[no-untyped-def]
+    """Wait for the model, ask for an essay, and return once the reply has visibly begun."""
+    screen = pilot.app.chat_screen
+    await wait_for(pilot, lambda: screen.model is not None)
+    await send(pilot, "Write a very long essay about the history of bread.")
+    await wait_for(pilot, lambda: len(views(pilot.app)) == 2 and len(views(pilot.app)[1].source) > 20)
+    return screen
+
+
 async def test_send_a_message_and_see_the_streamed_answer(store_with_starter: ModelStore) -> None:
     app = greedy_app()
     async with app.run_test(size=SIZE) as pilot:
@@ -78,10 +87,7 @@ async def test_send_a_message_and_see_the_streamed_answer(store_with_starter: Mo
 async def test_stop_a_reply_midway(store_with_starter: ModelStore) -> None:
     app = greedy_app(max_tokens=None)
     async with app.run_test(size=SIZE) as pilot:
-        screen = app.chat_screen
-        await wait_for(pilot, lambda: screen.model is not None)
-        await send(pilot, "Write a very long essay about the history of bread.")
-        await wait_for(pilot, lambda: len(views(app)) == 2 and len(views(app)[1].source) > 20)
+        screen = await start_a_long_reply(pilot)
         await pilot.press("escape")
         await wait_for(pilot, lambda: not screen.generating, timeout=10)
         assert screen.query_one(StatusLine).state == "stopped"
@@ -151,10 +157,7 @@ async def test_load_failure_is_a_notification(store_with_starter: ModelStore, tm
 async def test_quitting_mid_reply_stops_it_and_keeps_it(store_with_starter: ModelStore) -> None:
     app = greedy_app(max_tokens=None)
     async with app.run_test(size=SIZE) as pilot:
-        screen = app.chat_screen
-        await wait_for(pilot, lambda: screen.model is not None)
-        await send(pilot, "Write a very long essay about the history of bread.")
-        await wait_for(pilot, lambda: len(views(app)) == 2 and len(views(app)[1].source) > 20)
+        screen = await start_a_long_reply(pilot)
         conversation_id = screen.conversation_id
     # Leaving the block unmounted the app while the reply streamed: the model was freed only after the stream ended.
     assert screen.model is None

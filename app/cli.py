@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+from contextlib import nullcontext
 import threading
 from typing import TYPE_CHECKING
 
@@ -138,10 +139,7 @@ def _load(model_query: str | None, interactive: bool, options: LoadOptions, back
 
     store, history = _stores()
     choice = choose_model(store, model_query or _default_model_name(store, history, console, interactive))
-    if interactive:
-        with console.status(f"Loading {choice.name}…"):
-            model = load_model(choice, options, backend)
-    else:
+    with console.status(f"Loading {choice.name}…") if interactive else nullcontext():
         model = load_model(choice, options, backend)
     return model, history
 

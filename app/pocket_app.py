@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import psutil
 from textual.app import App
 
 from pocketlm.app.history import ConversationStore
 from pocketlm.app.model_loading import default_model_name
 from pocketlm.app.screens.chat import ChatScreen
 from pocketlm.backends.base import LoadOptions, SamplingParams
+from pocketlm.models.fit import physical_cores
 from pocketlm.models.locations import database_path
 from pocketlm.models.store import ModelStore
 
@@ -16,7 +16,7 @@ from pocketlm.models.store import ModelStore
 def engine_threads_beside_the_ui() -> int:
     """Physical cores less one: llama.cpp's threads wait for each other at every step, so one that shares its core
     with the app's rendering stalls them all (on 2 cores, 2 threads decode at half the speed of 1 in the app)."""
-    return max(1, (psutil.cpu_count(logical=False) or psutil.cpu_count() or 1) - 1)
+    return max(1, physical_cores() - 1)
 
 
 class PocketApp(App[None]):

@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-import psutil
-
 from pocketlm.backends.base import (
     ChatMessage,
     ContextTrimmed,
@@ -28,7 +26,7 @@ from pocketlm.backends.chat_template import render_chat
 from pocketlm.backends.context_window import fit_conversation
 from pocketlm.backends.streaming import StopStringFilter
 from pocketlm.models.errors import ModelFileError, PocketError
-from pocketlm.models.fit import estimate_gguf_memory, require_fit
+from pocketlm.models.fit import estimate_gguf_memory, physical_cores, require_fit
 from pocketlm.models.gguf_info import GGUFSummary, read_gguf
 
 if TYPE_CHECKING:
@@ -37,11 +35,6 @@ if TYPE_CHECKING:
 DEFAULT_CONTEXT_LENGTH = 4096
 # llama.cpp's default seed value, which asks it for a random one.
 _RANDOM_SEED = 0xFFFFFFFF
-
-
-def default_threads() -> int:
-    """llama.cpp decodes fastest on physical cores; hyperthreads only add contention."""
-    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
 
 
 class LlamaCppBackend:
@@ -64,7 +57,7 @@ class LlamaCppBackend:
 
         from llama_cpp import Llama
 
-        threads = options.threads or default_threads()
+        threads = options.threads or physical_cores()
         settings = dict(
             model_path=str(model_path),
             n_ctx=context_length,

@@ -26,7 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from pocketlm.backends.base import ChatMessage, GenerationStats, LoadOptions, SamplingParams
-from pocketlm.backends.llamacpp import LlamaCppBackend, default_threads
+from pocketlm.backends.llamacpp import LlamaCppBackend
+from pocketlm.models.fit import physical_cores
 from pocketlm.models.locations import models_dir
 from pocketlm.models.starter import STARTER, fetch_starter
 
@@ -81,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help=f"a GGUF file (default: the starter model, {STARTER.name})")
     parser.add_argument("--llama-bench", type=Path, help="llama.cpp's llama-bench binary, for the reference row")
-    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--threads", type=int, default=physical_cores())
     parser.add_argument("--repetitions", type=int, default=5)
     args = parser.parse_args()
     model_path = args.model or fetch_starter(models_dir())

@@ -31,6 +31,11 @@ class MemoryEstimate:
         return self.total_bytes <= self.available_bytes
 
 
+def physical_cores() -> int:
+    """Cores without their hyperthreads: what llama.cpp-style engines decode fastest on."""
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
 def gib(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.1f} GiB"
 

@@ -54,6 +54,7 @@ class ChatScreen(Screen[None]):
         self._stream: MarkdownStream | None = None
         self._reply_text = ""
         self._load_serial = 0  # only the latest load request's model is kept
+        self._settled_serial = 0  # the latest request that has loaded or failed
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -132,12 +133,13 @@ class ChatScreen(Screen[None]):
 
     @property
     def loading(self) -> bool:
-        return self.query_one(StatusLine).state == "loading…"
+        return self._settled_serial != self._load_serial
 
     def on_model_loaded(self, message: ModelLoaded) -> None:
         if message.serial != self._load_serial:  # a newer request superseded this one
             message.model.close()
             return
+        self._settled_serial = message.serial
         if self.model is not None:
             self.model.close()
         self.model = message.model
@@ -152,6 +154,7 @@ class ChatScreen(Screen[None]):
     def on_model_load_failed(self, message: ModelLoadFailed) -> None:
         if message.serial != self._load_serial:
             return
+        self._settled_serial = message.serial
         self.query_one(StatusLine).state = "no model loaded"
         self.notify(message.error, title="Could not load the model", severity="error", timeout=15)
 

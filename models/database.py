@@ -18,3 +18,23 @@ def connect(path: Path) -> sqlite3.Connection:
     connection.execute("PRAGMA synchronous=NORMAL")
     connection.execute("PRAGMA foreign_keys=ON")
     return connection
+
+
+def migrate(connection: sqlite3.Connection, component: str, migrations: list[str]) -> None:
+    """Bring `component`'s tables to the latest schema: run each migration (a `;`-separated script) not yet applied.
+
+    Several components share one database file, so each keeps its own version number instead of `user_version`.
+    """
+    connection.execute("CREATE TABLE IF NOT EXISTS schema_versions (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        row = connection.execute("SELECT version FROM schema_versions WHERE component = ?", (component,)).fetchone()
+        version = row[0] if row else 0
+        for number, script in enumerate(migrations[version:], start=version + 1):
+            for statement in filter(str.strip, script.split(";")):
+                connection.execute(statement)
+            connection.execute("INSERT OR REPLACE INTO schema_versions VALUES (?, ?)", (component, number))
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise

@@ -33,3 +33,15 @@ class BackendUnavailable(PocketError):
 
 class ContextOverflow(PocketError):
     """The conversation cannot be made to fit in the model's context window."""
+
+
+class HubError(PocketError):
+    """The Hugging Face Hub could not be reached, or refused or lacks what was asked for."""
+
+
+class NotEnoughDisk(PocketError):
+    """Writing a model would need more free disk space than there is."""
+
+
+class Cancelled(PocketError):
+    """The user stopped a long job; what it had finished is kept where that is useful (a partial download)."""

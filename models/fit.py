@@ -59,3 +59,12 @@ def require_fit(estimate: MemoryEstimate, model_name: str) -> None:
         f"context cache {gib(estimate.kv_cache_bytes)}) but only {gib(estimate.available_bytes)} of memory is free.",
         "Use a smaller context (--ctx), a smaller quantization, or --force to try anyway.",
     )
+
+
+def human_bytes(n_bytes: int) -> str:
+    """Decimal units, as the Hub shows file sizes: 98.4 MB, 4.92 GB."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n_bytes >= scale:
+            value = n_bytes / scale
+            return f"{value:.2f} {unit}" if value < 10 else f"{value:.1f} {unit}"
+    return f"{n_bytes} B"

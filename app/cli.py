@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from pocketlm.app import exit_codes
+from pocketlm.app import cli_models, exit_codes
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -292,6 +292,10 @@ def backends() -> None:
     for backend in backend_classes():
         state = "installed" if backend.is_available() else f"not installed — {backend.install_hint}"
         click.echo(f"{backend.name:<12} {', '.join(sorted(backend.formats)):<20} {state}")
+
+
+for _command in (cli_models.search, cli_models.pull, cli_models.list_models, cli_models.info, cli_models.rm, cli_models.import_model):
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -26,13 +26,12 @@ from pocketlm.backends.chat_template import render_chat
 from pocketlm.backends.context_window import fit_conversation
 from pocketlm.backends.streaming import StopStringFilter
 from pocketlm.models.errors import ModelFileError, PocketError
-from pocketlm.models.fit import estimate_gguf_memory, physical_cores, require_fit
+from pocketlm.models.fit import DEFAULT_CONTEXT_LENGTH, estimate_gguf_memory, physical_cores, require_fit
 from pocketlm.models.gguf_info import GGUFSummary, read_gguf
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
-DEFAULT_CONTEXT_LENGTH = 4096
 # llama.cpp's default seed value, which asks it for a random one.
 _RANDOM_SEED = 0xFFFFFFFF
 

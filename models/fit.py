@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psutil
 
 from pocketlm.models.errors import NotEnoughMemory
 from pocketlm.models.gguf_info import GGUFSummary
 
+if TYPE_CHECKING:
+    from pocketlm.models.store import LocalModel
+
 # llama.cpp's compute buffers and the runtime's own footprint: measured at a few hundred MiB for small models,
 # growing with width; this errs on the side of a load that succeeds.
 _RUNTIME_OVERHEAD_BYTES = 256 * 2**20
 _WEIGHT_OVERHEAD_FRACTION = 0.05
+# What a chat opens a model with unless told otherwise (capped at the model's trained context).
+DEFAULT_CONTEXT_LENGTH = 4096
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,7 @@ class MemoryEstimate:
     kv_cache_bytes: int
     overhead_bytes: int
     available_bytes: int
+    context_length: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -47,6 +54,21 @@ def estimate_gguf_memory(summary: GGUFSummary, context_length: int) -> MemoryEst
         kv_cache_bytes=summary.kv_bytes_per_token * context_length,
         overhead_bytes=_RUNTIME_OVERHEAD_BYTES + int(summary.file_size * _WEIGHT_OVERHEAD_FRACTION),
         available_bytes=int(psutil.virtual_memory().available),
+    )
+
+
+def estimate_model_memory(model: LocalModel, context_length: int = DEFAULT_CONTEXT_LENGTH) -> MemoryEstimate:
+    """The estimate for a stored model at the context a chat would open it with (capped at what it was trained for)."""
+    from pocketlm.models.gguf_info import read_gguf
+
+    context = min(context_length, model.context_length) if model.context_length else context_length
+    kv_per_token = read_gguf(model.path).kv_bytes_per_token if model.format == "gguf" else 0
+    return MemoryEstimate(
+        weights_bytes=model.size_bytes,
+        kv_cache_bytes=kv_per_token * context,
+        overhead_bytes=_RUNTIME_OVERHEAD_BYTES + int(model.size_bytes * _WEIGHT_OVERHEAD_FRACTION),
+        available_bytes=int(psutil.virtual_memory().available),
+        context_length=context,
     )
 
 

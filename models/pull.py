@@ -104,6 +104,9 @@ def _choose_gguf(spec: PullSpec, repo: RemoteRepo, choices: list[GGUFChoice]) ->
     available = ", ".join(f"{c.quant} ({human_bytes(c.size_bytes)})" for c in choices)
     if found:
         raise HubError(f"{spec.repo_id} has several {spec.selector} files: {', '.join(c.first_file for c in found)}.", "Name the file instead of the quant.")
+    if repo.from_cache:
+        raise HubError(f"HF_HUB_OFFLINE is set and the cache holds no {spec.selector!r} file of {spec.repo_id}, only {available}.",
+                       "Unset HF_HUB_OFFLINE to download it, or pick a cached one.")  # fmt: skip
     raise HubError(f"{spec.repo_id} has no {spec.selector!r} file; it has {available}.", f"Pick one, e.g. `pocketlm pull {spec.repo_id}:{choices[0].quant}`.")
 
 
@@ -126,14 +129,15 @@ def run_pull(plan: PullPlan, store: ModelStore, on_progress: ProgressCallback = 
     check_disk_space(plan)
     total = plan.total_bytes
     done = 0
-    for index, file in enumerate(plan.files, start=1):
-        description = f"{file.name} ({index}/{len(plan.files)})" if len(plan.files) > 1 else file.name
+    description = f"Pulling {plan.name}"
 
-        def advance(n_bytes: int, description: str = description) -> None:
-            nonlocal done
-            done += n_bytes
-            on_progress(ProgressUpdate(description, done, total))
+    def advance(n_bytes: int) -> None:
+        nonlocal done
+        done += n_bytes
+        on_progress(ProgressUpdate(description, done, total))
 
+    on_progress(ProgressUpdate(description, 0, total))
+    for file in plan.files:
         if plan.repo.from_cache:
             advance(file.size)
         else:

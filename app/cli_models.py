@@ -1,0 +1,231 @@
+"""The model commands: search, pull, ls, info, rm, import. Heavy imports stay inside each command."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+if TYPE_CHECKING:
+    from pocketlm.models.store import LocalModel, ModelStore
+
+
+def _store() -> ModelStore:
+    from pocketlm.models.locations import database_path
+    from pocketlm.models.store import ModelStore
+
+    return ModelStore(database_path())
+
+
+def _console():  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _stdout_console():  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    return Console()
+
+
+def _ago(moment: datetime | None) -> str:
+    if moment is None:
+        return "?"
+    days = (datetime.now(timezone.utc) - moment).days
+    return "today" if days < 1 else f"{days} days ago" if days < 60 else moment.strftime("%Y-%m-%d")
+
+
+def parameters(count: int) -> str:
+    if not count:
+        return "?"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.3g}{unit}"
+    return str(count)
+
+
+def origin(model: LocalModel) -> str:
+    """Where a model came from, in a few words: its parent and how, or its source."""
+    if model.parent:
+        return f"{model.lineage or 'from'} of {model.parent}" if model.lineage else f"from {model.parent}"
+    if model.repo_id:
+        return f"Hub @{model.revision[:7]}"
+    if model.source.startswith("import:"):
+        return "imported"
+    return model.source.replace("pypi:", "PyPI ")
+
+
+@click.command()
+@click.argument("query", required=False, default="")
+@click.option("--format", "model_format", type=click.Choice(["gguf", "mlx", "gptq", "safetensors"]), help="Only repos with this format.")
+@click.option("--sort", type=click.Choice(["downloads", "likes", "updated"]), default="downloads", show_default=True)
+@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
+def search(query: str, model_format: str | None, sort: str, limit: int) -> None:
+    """Search the Hugging Face Hub for models matching QUERY."""
+    from rich.table import Table
+
+    from pocketlm.models.fit import human_bytes
+    from pocketlm.models.hub import search_models
+
+    with _console().status(f"Searching the Hub for {query!r}…"):
+        results = search_models(query, model_format, sort, limit)  # type: ignore[arg-type]
+    if not results:
+        click.echo(f"No models on the Hub match {query!r}" + (f" in {model_format} format." if model_format else "."))
+        return
+    table = Table(box=None, pad_edge=False)
+    table.add_column("Model", no_wrap=True)
+    for column, justify in (("Downloads", "right"), ("Likes", "right"), ("Updated", "left"), ("Formats", "left"), ("Quants", "left")):
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for result in results:
+        quants = " · ".join(f"{c.quant} {human_bytes(c.size_bytes)}" for c in result.gguf_files)
+        name = result.repo_id + (" (gated)" if result.gated else "")
+        table.add_row(name, f"{result.downloads:,}", f"{result.likes:,}", _ago(result.last_modified), ", ".join(result.formats), quants)
+    _stdout_console().print(table)
+    click.echo("Pull one with: pocketlm pull OWNER/NAME[:QUANT]", err=True)
+
+
+@click.command()
+@click.argument("spec", metavar="REPO[@REVISION][:QUANT_OR_FILE]")
+@click.option("--allow-pickle", is_flag=True, help="Also fetch pickle weights (*.bin) when a repo has no safetensors. Pickles can run code.")
+def pull(spec: str, allow_pickle: bool) -> None:
+    """Download a model from the Hugging Face Hub into the shared HF cache and register it.
+
+    A GGUF repo gets one quant (`:Q4_K_M`; by default Q4_K_M or the nearest); a checkpoint repo gets its config,
+    tokenizer and safetensors weights. An interrupted pull resumes where it stopped.
+    """
+    from pocketlm.app.progress_view import rich_progress
+    from pocketlm.models.errors import Cancelled
+    from pocketlm.models.fit import human_bytes
+    from pocketlm.models.pull import parse_pull_spec, plan_pull, run_pull
+
+    console = _console()
+    with console.status(f"Looking up {spec} on the Hub…"):
+        plan = plan_pull(parse_pull_spec(spec), allow_pickle)
+    what = f"{len(plan.files)} file{'s' if len(plan.files) > 1 else ''}, {human_bytes(plan.total_bytes)}"
+    console.print(f"[bold]{plan.name}[/bold] ({what}{', from the local cache' if plan.repo.from_cache else ''})")
+    if plan.other_quants:
+        console.print("[dim]Also available: " + ", ".join(f"{c.quant} ({human_bytes(c.size_bytes)})" for c in plan.other_quants) + "[/dim]")
+    store = _store()
+    try:
+        with rich_progress(console) as show_progress:
+            model = run_pull(plan, store, show_progress)
+    except KeyboardInterrupt:
+        raise Cancelled(f"Pull of {plan.name} interrupted; what was downloaded is kept.", f"Run `pocketlm pull {spec}` again to resume.") from None
+    click.echo(f"{model.name} is ready ({model.format}, {human_bytes(model.size_bytes)}): pocketlm chat {model.name}")
+
+
+@click.command(name="ls")
+def list_models() -> None:
+    """List the models in the local store."""
+    from rich.table import Table
+
+    from pocketlm.models.fit import human_bytes
+
+    models = _store().list()
+    if not models:
+        click.echo("No models yet. Try `pocketlm starter`, `pocketlm pull OWNER/NAME` or `pocketlm import PATH`.")
+        return
+    table = Table(box=None, pad_edge=False)
+    table.add_column("Name", no_wrap=True)
+    for column, justify in (("Format", "left"), ("Arch", "left"), ("Params", "right"), ("Quant", "left"), ("Size", "right"), ("Origin", "left")):
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for m in models:
+        table.add_row(m.name, m.format, m.architecture, parameters(m.parameter_count), m.quantization, human_bytes(m.size_bytes), origin(m))
+    _stdout_console().print(table)
+
+
+@click.command()
+@click.argument("model")
+def info(model: str) -> None:
+    """Show MODEL's metadata, files, lineage, and whether it fits this machine's memory."""
+    from pocketlm.models.fit import estimate_model_memory, gib, human_bytes
+
+    store = _store()
+    found = store.resolve(model)
+    rows = [("Name", found.name), ("Format", found.format), ("Architecture", found.architecture),
+            ("Parameters", parameters(found.parameter_count)), ("Quantization", found.quantization or "-"),
+            ("Context length", f"{found.context_length:,}" if found.context_length else "?"),
+            ("Size on disk", human_bytes(found.size_bytes)), ("Source", found.source)]  # fmt: skip
+    if found.repo_id:
+        rows.append(("Hub repo", f"{found.repo_id} at {found.revision}"))
+    chain, parent = [], found.parent
+    while parent and len(chain) < 20:
+        ancestor = store.get(parent)
+        chain.append(parent + ("" if ancestor else " (removed)"))
+        parent = ancestor.parent if ancestor else None
+    if found.parent:
+        rows.append(("Made by", found.lineage or "conversion"))
+        rows.append(("Lineage", " ← ".join([found.name, *chain])))
+    children = store.children_of(found.name)
+    if children:
+        rows.append(("Derived models", ", ".join(children)))
+    estimate = estimate_model_memory(found)
+    verdict = "fits" if estimate.fits else "does NOT fit"
+    rows.append(("Memory", f"{verdict}: needs about {gib(estimate.total_bytes)} (at {estimate.context_length:,} tokens of context); "
+                           f"{gib(estimate.available_bytes)} available"))  # fmt: skip
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        click.echo(f"{label:<{width}}  {value}")
+    click.echo("Files:")
+    for path in found.files:
+        try:
+            size = human_bytes(path.stat().st_size)
+        except OSError:
+            size = "MISSING"
+        click.echo(f"  {size:>9}  {path}")
+
+
+@click.command()
+@click.argument("model")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+def rm(model: str, yes: bool) -> None:
+    """Remove MODEL: unregister it and delete the files pocketlm fetched or made for it, unless another model uses them."""
+    from pocketlm.models.errors import PocketError
+    from pocketlm.models.fit import human_bytes
+    from pocketlm.models.removal import plan_removal, remove_model
+
+    store = _store()
+    found = store.resolve(model)
+    removal = plan_removal(store, found)
+    summary = f"Remove {found.name}"
+    if removal.deleted:
+        summary += f" and delete {len(removal.deleted)} file{'s' if len(removal.deleted) > 1 else ''} ({human_bytes(removal.freed_bytes)})"
+    if removal.kept_shared:
+        summary += f"; {len(removal.kept_shared)} file(s) stay, another model uses them"
+    if removal.kept_not_owned:
+        summary += "; its imported files stay where they are"
+    if not yes:
+        if not sys.stdin.isatty():
+            raise PocketError(f"Not removing {found.name} without confirmation.", "Pass --yes to remove it from a script.")
+        if not click.confirm(summary + "?", default=False):
+            click.echo("Nothing removed.")
+            return
+    remove_model(store, found)
+    if removal.deleted:
+        click.echo(f"Removed {found.name}, freed {human_bytes(removal.freed_bytes)}.")
+    elif removal.kept_not_owned:
+        click.echo(f"Removed {found.name} from the store; its files stay where they are.")
+    else:
+        click.echo(f"Removed {found.name}; its files stay, other models use them.")
+
+
+@click.command(name="import")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", help="Name in the store (default: the file or folder name).")
+def import_model(path: Path, name: str | None) -> None:
+    """Register a local GGUF file or Hugging Face model folder (the files stay where they are)."""
+    from pocketlm.models.errors import PocketError
+    from pocketlm.models.fit import human_bytes
+
+    store = _store()
+    resolved = path.expanduser().resolve()
+    wanted = name or (resolved.stem if resolved.is_file() else resolved.name)
+    existing = store.get(wanted)
+    if existing and existing.path != resolved:
+        raise PocketError(f"There is already a model named {wanted!r} ({existing.path}).", "Choose another with --name.")
+    model = store.register(resolved, source=f"import:{resolved}", name=wanted)
+    click.echo(f"Imported {model.name} ({model.format}, {model.architecture}, {human_bytes(model.size_bytes)}).")

@@ -27,9 +27,10 @@ def _console():  # type: ignore[no-untyped-def]
 
 
 def _stdout_console():  # type: ignore[no-untyped-def]
+    """Tables for people at their terminal's width; piped into a script or a file, wide enough never to cut a name."""
     from rich.console import Console
 
-    return Console()
+    return Console() if sys.stdout.isatty() else Console(width=250)
 
 
 def _ago(moment: datetime | None) -> str:

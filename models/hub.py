@@ -119,14 +119,21 @@ def hub_errors(repo_id: str = "", revision: str | None = None, filename: str | N
 
 def search_models(query: str, format: str | None = None, sort: SearchSort = "downloads", limit: int = 20) -> list[SearchResult]:
     """Models on the Hub matching `query`; GGUF repos come with their quant files and sizes."""
-    from huggingface_hub import HfApi
 
     if hub_offline():
         raise HubError("Cannot search the Hub while HF_HUB_OFFLINE is set.", "Unset HF_HUB_OFFLINE, or see your local models with `pocketlm ls`.")
-    api = HfApi(endpoint=hub_endpoint())
+    from huggingface_hub.hf_api import ModelInfo
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    _quiet_library_logs()
+    # One request, as `HfApi.list_models` makes it, but without its five retries with backoff: a search with no
+    # network must say so in a second, not after 25.
+    params = {"search": query or None, "filter": format or None, "sort": _SORT_KEYS[sort], "limit": limit,
+              "expand": ["downloads", "likes", "lastModified", "tags", "library_name", "gated"]}  # fmt: skip
     with hub_errors():
-        found = list(api.list_models(search=query or None, filter=format or None, sort=_SORT_KEYS[sort], limit=limit,  # type: ignore[arg-type]
-                                     expand=["downloads", "likes", "lastModified", "tags", "library_name", "gated"]))  # fmt: skip
+        response = get_session().get(f"{hub_endpoint()}/api/models", params={k: v for k, v in params.items() if v}, headers=build_hf_headers(), timeout=30)
+        hf_raise_for_status(response)
+        found = [ModelInfo(**item) for item in response.json()[:limit]]
     results = [
         SearchResult(m.id, m.downloads or 0, m.likes or 0, m.last_modified, _formats(m.tags or [], m.library_name), bool(m.gated))
         for m in found
@@ -137,6 +144,13 @@ def search_models(query: str, format: str | None = None, sort: SearchSort = "dow
     with ThreadPoolExecutor(max_workers=8) as pool:
         choices = dict(zip(gguf_repos, pool.map(_quiet_gguf_choices, gguf_repos)))
     return [SearchResult(**{**r.__dict__, "gguf_files": tuple(choices.get(r.repo_id, ()))}) for r in results]
+
+
+def _quiet_library_logs() -> None:
+    """pocketlm reports failures in its own words; the library's retry warnings on stderr would only repeat them."""
+    from huggingface_hub.utils import logging
+
+    logging.set_verbosity_error()
 
 
 def _formats(tags: list[str], library: str | None) -> tuple[str, ...]:
@@ -162,6 +176,7 @@ def list_repo(repo_id: str, revision: str | None = None) -> RemoteRepo:
 
     if hub_offline():
         return cached_repo(repo_id, revision)
+    _quiet_library_logs()
     api = HfApi(endpoint=hub_endpoint())
     with hub_errors(repo_id, revision):
         info = api.model_info(repo_id, revision=revision, files_metadata=True)

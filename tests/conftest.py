@@ -10,6 +10,8 @@ from pocketlm.backends.llamacpp import LlamaCppBackend
 from pocketlm.models.starter import STARTER
 from pocketlm.models.store import ModelStore
 from tests.fixtures import CACHE_DIR, starter_gguf_path, template_free_copy
+from tests.hub.repos import fixture_repos
+from tests.hub.server import HubRepo, LoopbackHub
 
 
 @pytest.fixture(scope="session")
@@ -46,5 +48,31 @@ def store_with_starter(pocket_home: Path, starter_gguf: Path) -> Iterator[ModelS
     store = ModelStore(database_path())
     # Not owned: `rm` in a test must never delete the session cache's copy.
     store.register(starter_gguf, source=STARTER.source, name=STARTER.name)
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def hub_repos(starter_gguf: Path) -> list[HubRepo]:
+    return fixture_repos(starter_gguf.read_bytes())
+
+
+@pytest.fixture
+def loopback_hub(hub_repos: list[HubRepo], tmp_path: Path, pocket_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackHub]:
+    """A Hub-compatible server on 127.0.0.1 with HF_ENDPOINT pointing at it, an empty HF cache and no token."""
+    hub = LoopbackHub(hub_repos).start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def model_store(pocket_home: Path) -> Iterator[ModelStore]:
+    from pocketlm.models.locations import database_path
+
+    store = ModelStore(database_path())
     yield store
     store.close()

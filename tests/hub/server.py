@@ -91,8 +91,7 @@ class LoopbackHub:
         return self
 
     def stop(self) -> None:
-        for gate in self._stalls.values():
-            gate.set()
+        self.release_stalls()
         self._server.shutdown()
         self._server.server_close()
 
@@ -104,6 +103,11 @@ class LoopbackHub:
         """Downloads of `file_name` send their first MiB, then wait until the returned event is set."""
         gate = self._stalls[file_name] = threading.Event()
         return gate
+
+    def release_stalls(self) -> None:
+        for gate in self._stalls.values():
+            gate.set()
+        self._stalls.clear()
 
     def transfers_of(self, file_name: str) -> list[Transfer]:
         return [t for t in self.transfers if t.path.endswith("/" + file_name)]

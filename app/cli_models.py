@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from pocketlm.models.store import LocalModel, ModelStore
+    from pocketlm.models.store import ModelStore
 
 
 def _store() -> ModelStore:
@@ -38,26 +38,6 @@ def _ago(moment: datetime | None) -> str:
         return "?"
     days = (datetime.now(timezone.utc) - moment).days
     return "today" if days < 1 else f"{days} days ago" if days < 60 else moment.strftime("%Y-%m-%d")
-
-
-def parameters(count: int) -> str:
-    if not count:
-        return "?"
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.3g}{unit}"
-    return str(count)
-
-
-def origin(model: LocalModel) -> str:
-    """Where a model came from, in a few words: its parent and how, or its source."""
-    if model.parent:
-        return f"{model.lineage or 'from'} of {model.parent}" if model.lineage else f"from {model.parent}"
-    if model.repo_id:
-        return f"Hub @{model.revision[:7]}"
-    if model.source.startswith("import:"):
-        return "imported"
-    return model.source.replace("pypi:", "PyPI ")
 
 
 @click.command()
@@ -124,6 +104,7 @@ def list_models() -> None:
     """List the models in the local store."""
     from rich.table import Table
 
+    from pocketlm.app.model_details import origin, parameters
     from pocketlm.models.fit import human_bytes
 
     models = _store().list()
@@ -143,31 +124,13 @@ def list_models() -> None:
 @click.argument("model")
 def info(model: str) -> None:
     """Show MODEL's metadata, files, lineage, and whether it fits this machine's memory."""
-    from pocketlm.models.fit import estimate_model_memory, gib, human_bytes
+
+    from pocketlm.app.model_details import detail_rows
+    from pocketlm.models.fit import human_bytes
 
     store = _store()
     found = store.resolve(model)
-    rows = [("Name", found.name), ("Format", found.format), ("Architecture", found.architecture),
-            ("Parameters", parameters(found.parameter_count)), ("Quantization", found.quantization or "-"),
-            ("Context length", f"{found.context_length:,}" if found.context_length else "?"),
-            ("Size on disk", human_bytes(found.size_bytes)), ("Source", found.source)]  # fmt: skip
-    if found.repo_id:
-        rows.append(("Hub repo", f"{found.repo_id} at {found.revision}"))
-    chain, parent = [], found.parent
-    while parent and len(chain) < 20:
-        ancestor = store.get(parent)
-        chain.append(parent + ("" if ancestor else " (removed)"))
-        parent = ancestor.parent if ancestor else None
-    if found.parent:
-        rows.append(("Made by", found.lineage or "conversion"))
-        rows.append(("Lineage", " ← ".join([found.name, *chain])))
-    children = store.children_of(found.name)
-    if children:
-        rows.append(("Derived models", ", ".join(children)))
-    estimate = estimate_model_memory(found)
-    verdict = "fits" if estimate.fits else "does NOT fit"
-    rows.append(("Memory", f"{verdict}: needs about {gib(estimate.total_bytes)} (at {estimate.context_length:,} tokens of context); "
-                           f"{gib(estimate.available_bytes)} available"))  # fmt: skip
+    rows = detail_rows(store, found)
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         click.echo(f"{label:<{width}}  {value}")

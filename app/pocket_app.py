@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from textual.app import App
+from collections.abc import Iterable
+
+from textual.app import App, SystemCommand
+from textual.screen import Screen
 
 from pocketlm.app.history import ConversationStore
 from pocketlm.app.model_loading import default_model_name
 from pocketlm.app.screens.chat import ChatScreen
+from pocketlm.app.screens.models import ModelsScreen
 from pocketlm.backends.base import LoadOptions, SamplingParams
 from pocketlm.models.fit import physical_cores
 from pocketlm.models.locations import database_path
@@ -38,9 +42,22 @@ class PocketApp(App[None]):
         self.backend = backend
         self._initial_model = model
         self.chat_screen = ChatScreen()
+        # Installed, not just pushed: leaving the screen must not end a pull running in its worker.
+        self.models_screen = ModelsScreen()
 
     def get_default_screen(self) -> ChatScreen:
         return self.chat_screen
+
+    def on_mount(self) -> None:
+        self.install_screen(self.models_screen, "models")
+
+    def action_show_models(self) -> None:
+        if self.screen is not self.models_screen:
+            self.push_screen("models")
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Models", "Local models, Hub search and pull, delete (F3)", self.action_show_models)
 
     @property
     def initial_model(self) -> str | None:
@@ -48,4 +65,5 @@ class PocketApp(App[None]):
         return self._initial_model or default_model_name(self.store, self.history)
 
     def on_unmount(self) -> None:
+        self.models_screen.action_cancel_pull()  # a pull keeps its bytes for next time; quitting must not wait for it
         self.chat_screen.close_model()

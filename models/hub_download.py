@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -91,7 +93,7 @@ def _transfer(repo: RemoteRepo, file: RemoteFile, blob: Path, on_bytes: Callable
 
     partial = blob.with_name(file.etag + PARTIAL_SUFFIX)
     blob.parent.mkdir(parents=True, exist_ok=True)
-    hasher = hashlib.sha256() if file.sha256 else hashlib.sha1(f"blob {file.size}\0".encode())
+    hasher = _new_hasher(file)
     with partial.open("ab+") as output:
         output.seek(0)
         while chunk := output.read(_CHUNK_BYTES):  # resuming: the checksum covers the bytes already here
@@ -99,7 +101,7 @@ def _transfer(repo: RemoteRepo, file: RemoteFile, blob: Path, on_bytes: Callable
         have = output.tell()
         if have > file.size:
             output.truncate(0)
-            have, hasher = 0, hashlib.sha256() if file.sha256 else hashlib.sha1(f"blob {file.size}\0".encode())
+            have, hasher = 0, _new_hasher(file)
         on_bytes(have)
         failures = 0
         while have < file.size:
@@ -107,24 +109,28 @@ def _transfer(repo: RemoteRepo, file: RemoteFile, blob: Path, on_bytes: Callable
                 raise Cancelled(f"Stopped pulling {file.name}; {have:,} of {file.size:,} bytes are kept for next time.")
             request_headers = {**headers, "Range": f"bytes={have}-"} if have else headers
             try:
-                with get_session().stream("GET", location, headers=request_headers, follow_redirects=True) as response:
+                with get_session().stream("GET", location, headers=request_headers, follow_redirects=True) as response, \
+                        _closed_on(cancel, response):  # fmt: skip
                     with hub_errors(repo.repo_id, repo.revision, file.name):
                         hf_raise_for_status(response)
                     if have and response.status_code != 206:  # the server ignored the range: start again
                         output.truncate(0)
-                        have, hasher = 0, hashlib.sha256() if file.sha256 else hashlib.sha1(f"blob {file.size}\0".encode())
+                        have, hasher = 0, _new_hasher(file)
                     for chunk in response.iter_bytes(_CHUNK_BYTES):
-                        if cancel.is_set():
-                            output.flush()
-                            raise Cancelled(f"Stopped pulling {file.name}; {have:,} of {file.size:,} bytes are kept for next time.")
                         output.write(chunk)
                         hasher.update(chunk)
                         have += len(chunk)
                         failures = 0
                         on_bytes(len(chunk))
-                        if have > file.size:
+                        if have > file.size or cancel.is_set():
                             break
-            except (httpx2.TransportError, ConnectionError) as error:
+            except Exception as error:
+                if cancel.is_set():
+                    continue  # the watcher closed the stream under us: the loop's top reports the cancel
+                if isinstance(error, OSError) and not isinstance(error, ConnectionError):
+                    raise _disk_error(error, blob.parent) from None
+                if not isinstance(error, (httpx2.TransportError, ConnectionError)):
+                    raise
                 failures += 1
                 if failures > _RETRIES_WITHOUT_PROGRESS:
                     output.flush()
@@ -133,8 +139,6 @@ def _transfer(repo: RemoteRepo, file: RemoteFile, blob: Path, on_bytes: Callable
                         "Run the same pull again to resume.",
                     ) from None
                 time.sleep(min(0.2 * 2**failures, 5))
-            except OSError as error:
-                raise _disk_error(error, blob.parent) from None
             if have == file.size or have > file.size:
                 break
         output.flush()
@@ -149,6 +153,44 @@ def _transfer(repo: RemoteRepo, file: RemoteFile, blob: Path, on_bytes: Callable
             "Pull again; if it fails again, the file on the Hub or a proxy in between is damaged.",
         )
     os.replace(partial, blob)
+
+
+def _new_hasher(file: RemoteFile) -> hashlib._Hash:
+    """sha256 of the content for LFS files; for the others git's blob id, sha1 over a "blob <size>" header and the content."""
+    return hashlib.sha256() if file.sha256 else hashlib.sha1(f"blob {file.size}\0".encode())
+
+
+@contextmanager
+def _closed_on(cancel: threading.Event, response: object) -> Iterator[None]:
+    """Close `response` as soon as `cancel` is set, so a cancel takes effect even while the server sends nothing."""
+    finished = threading.Event()
+
+    def watch() -> None:
+        while not finished.wait(0.1):
+            if cancel.is_set():
+                _interrupt(response)
+                return
+
+    watcher = threading.Thread(target=watch, name="pull-cancel-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        watcher.join()
+
+
+def _interrupt(response: object) -> None:
+    """Wake a read blocked on `response`'s socket: closing the response alone does not, shutting the socket down does."""
+    stream = getattr(response, "extensions", {}).get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass
+    else:
+        response.close()  # type: ignore[attr-defined]
 
 
 def _link(blob: Path, pointer: Path) -> None:

@@ -42,6 +42,7 @@ class ChatScreen(Screen[None]):
         Binding("f8", "delete_chat", "Delete"),
         Binding("ctrl+o", "open_model", "Model"),
         Binding("ctrl+s", "settings", "Settings"),
+        Binding("f3", "app.show_models", "Models"),
     ]
 
     app: PocketApp  # type: ignore[assignment]

@@ -75,7 +75,7 @@ def test_help_does_not_import_engines() -> None:
     probe = (
         "import sys\nfrom click.testing import CliRunner\nfrom pocketlm.app.cli import cli\n"
         "result = CliRunner().invoke(cli, ['--help'])\nassert result.exit_code == 0 and 'chat' in result.output\n"
-        "print(sorted(m for m in ('torch', 'mlx', 'llama_cpp', 'transformers', 'textual', 'numpy') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'mlx', 'llama_cpp', 'transformers', 'textual', 'numpy', 'huggingface_hub') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

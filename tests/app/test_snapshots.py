@@ -48,3 +48,17 @@ def test_chat_settings_dialog(snap_compare, store_with_starter: ModelStore) -> N
 
 def test_starter_offer(snap_compare, pocket_home: Path) -> None:  # type: ignore[no-untyped-def]
     assert snap_compare(PocketApp(), terminal_size=SIZE)
+
+
+def test_models_screen_hub_search(snap_compare, store_with_starter: ModelStore, loopback_hub) -> None:  # type: ignore[no-untyped-def]
+    from textual.widgets import DataTable
+
+    async def search_the_hub(pilot) -> None:  # type: ignore[no-untyped-def]
+        await wait_for_model(pilot)
+        await pilot.press("f3", "ctrl+f", *"llama", "enter")
+        table = pilot.app.screen.query_one("#hub-results", DataTable)
+        while table.row_count == 0 or table.loading:
+            await pilot.pause(0.05)
+        await pilot.pause()
+
+    assert snap_compare(PocketApp(load_options=LoadOptions(context_length=2048)), terminal_size=SIZE, run_before=search_the_hub)

@@ -1,0 +1,145 @@
+"""The Models screen driven with Textual's Pilot: local models, Hub search, pull with live progress and cancel,
+delete with confirmation, open in Chat. The Hub is the loopback server; the client is the real huggingface_hub."""
+
+from __future__ import annotations
+
+from textual.widgets import DataTable, Input, OptionList, ProgressBar, Static
+
+from pocketlm.app.pocket_app import PocketApp
+from pocketlm.app.screens.chat import ChatScreen
+from pocketlm.app.screens.dialogs import ConfirmDialog
+from pocketlm.app.screens.models import ModelsScreen
+from pocketlm.models.pull import parse_pull_spec, plan_pull, run_pull
+from pocketlm.models.store import ModelStore
+from tests.app.test_chat_app import SIZE, wait_for
+from tests.hub.repos import GGUF_REPO, STARTER_FILE, TINY_CHECKPOINT
+from tests.hub.server import LoopbackHub
+
+
+def notifications(app: PocketApp) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+async def open_models(pilot) -> ModelsScreen:  # type: ignore[no-untyped-def]
+    await pilot.press("f3")
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, ModelsScreen))
+    return pilot.app.screen
+
+
+async def search(pilot, screen: ModelsScreen, query: str) -> DataTable:  # type: ignore[no-untyped-def]
+    await pilot.press("ctrl+f")
+    screen.query_one("#hub-query", Input).value = query
+    await pilot.press("enter")
+    table = screen.query_one("#hub-results", DataTable)
+    await wait_for(pilot, lambda: table.row_count > 0 and not table.loading)
+    return table
+
+
+def displayed(table: DataTable) -> list[str]:
+    return [str(table.coordinate_to_cell_key((row, 0)).row_key.value) for row in range(table.row_count)]
+
+
+def option_labels(screen: ModelsScreen) -> list[str]:
+    options = screen.query_one("#hub-files", OptionList)
+    return [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+
+
+async def test_local_models_are_listed_with_details_and_sort_by_size(loopback_hub: LoopbackHub, store_with_starter: ModelStore) -> None:
+    run_pull(plan_pull(parse_pull_spec(TINY_CHECKPOINT)), store_with_starter)
+    app = PocketApp()
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_models(pilot)
+        table = screen.query_one("#local-models", DataTable)
+        assert displayed(table) == [TINY_CHECKPOINT, "SmolLM2-135M-Instruct"]  # by name, case-insensitive
+        details = str(screen.query_one("#local-details", Static).render())
+        assert "Format: safetensors" in details and "Parameters: 90.4K" in details and "fits: needs about" in details
+        size_header = sum(table.columns[key].get_render_width(table) for key in ("name", "format", "arch", "params", "quant")) + 2
+        await pilot.click("#local-models", offset=(size_header, 0))  # sizes: biggest first
+        assert displayed(table) == ["SmolLM2-135M-Instruct", TINY_CHECKPOINT]
+        await pilot.click("#local-models", offset=(size_header, 0))
+        assert displayed(table) == [TINY_CHECKPOINT, "SmolLM2-135M-Instruct"]
+        table.move_cursor(row=1)
+        await pilot.pause()
+        assert "Quantization: Q4_1" in str(screen.query_one("#local-details", Static).render())
+
+
+async def test_search_choose_a_quant_and_pull_it_with_progress_then_chat(loopback_hub: LoopbackHub, pocket_home) -> None:  # type: ignore[no-untyped-def]
+    app = PocketApp()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("escape")  # decline the starter offer: this user goes to the Hub instead
+        screen = await open_models(pilot)
+        table = await search(pilot, screen, "smollm2")
+        assert str(table.coordinate_to_cell_key((0, 0)).row_key.value) == GGUF_REPO
+        labels = option_labels(screen)
+        assert labels[0] == "Q4_K_M  864 B  [dim](default)[/dim]"
+        assert "Q2_K  1.70 kB, 2 parts" in labels and "Q4_1  98.4 MB" in labels
+
+        gate = loopback_hub.stall_transfers(STARTER_FILE)
+        options = screen.query_one("#hub-files", OptionList)
+        options.focus()
+        options.highlighted = labels.index("Q4_1  98.4 MB")
+        await pilot.press("enter")
+        bar = screen.query_one("#pull-progress", ProgressBar)
+        await wait_for(pilot, lambda: (bar.progress or 0) >= 2**20)
+        assert bar.total == 98_362_432 and screen.pulling  # live progress while the transfer is under way
+        gate.set()
+        await wait_for(pilot, lambda: not screen.pulling)
+        name = f"{GGUF_REPO}:Q4_1"
+        assert f"{name} is ready: press Enter to chat with it." in notifications(app)
+        assert app.store.get(name) is not None
+        assert screen.selected_local_name() == name
+
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
+        await wait_for(pilot, lambda: app.chat_screen.model is not None)
+        assert app.chat_screen.model.description.name == name
+
+
+async def test_cancel_a_pull_then_resume_it(loopback_hub: LoopbackHub, store_with_starter: ModelStore) -> None:
+    app = PocketApp()
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_models(pilot)
+        loopback_hub.stall_transfers(STARTER_FILE)
+        screen.start_pull(f"{GGUF_REPO}:Q4_1")
+        bar = screen.query_one("#pull-progress", ProgressBar)
+        await wait_for(pilot, lambda: (bar.progress or 0) >= 2**20)
+        await pilot.press("ctrl+x")  # the server is sending nothing: the cancel must not wait for it
+        await wait_for(pilot, lambda: not screen.pulling, timeout=10)
+        assert any("bytes are kept for next time. Pull it again to resume." in m for m in notifications(app))
+        assert app.store.get(f"{GGUF_REPO}:Q4_1") is None
+
+        loopback_hub.release_stalls()
+        screen.start_pull(f"{GGUF_REPO}:Q4_1")
+        await wait_for(pilot, lambda: not screen.pulling)
+        assert app.store.get(f"{GGUF_REPO}:Q4_1") is not None
+        first, second = loopback_hub.transfers_of(STARTER_FILE)
+        assert second.range_start >= 2**20 and second.range_start + second.bytes_sent == 98_362_432
+
+
+async def test_pull_failure_is_a_notification(loopback_hub: LoopbackHub, store_with_starter: ModelStore) -> None:
+    app = PocketApp()
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_models(pilot)
+        screen.start_pull("pocketlm-test/gated-llama-GGUF")
+        await wait_for(pilot, lambda: not screen.pulling)
+        assert any("is gated" in m for m in notifications(app))
+
+
+async def test_delete_asks_first(loopback_hub: LoopbackHub, store_with_starter: ModelStore) -> None:
+    model = run_pull(plan_pull(parse_pull_spec(TINY_CHECKPOINT)), store_with_starter)
+    app = PocketApp(model="SmolLM2-135M-Instruct")
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_models(pilot)
+        table = screen.query_one("#local-models", DataTable)
+        table.focus()
+        table.move_cursor(row=table.get_row_index(TINY_CHECKPOINT))
+        await pilot.press("f8")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog))
+        await pilot.press("escape")  # cancelled: nothing happens
+        assert app.store.get(TINY_CHECKPOINT) is not None
+        await pilot.press("f8")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog))
+        await pilot.click("#confirm")
+        await wait_for(pilot, lambda: app.store.get(TINY_CHECKPOINT) is None)
+        assert displayed(table) == ["SmolLM2-135M-Instruct"]
+        assert not any(p.exists() for p in model.files)

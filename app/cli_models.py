@@ -155,24 +155,18 @@ def rm(model: str, yes: bool) -> None:
     store = _store()
     found = store.resolve(model)
     removal = plan_removal(store, found)
-    summary = f"Remove {found.name}"
-    if removal.deleted:
-        summary += f" and delete {len(removal.deleted)} file{'s' if len(removal.deleted) > 1 else ''} ({human_bytes(removal.freed_bytes)})"
-    if removal.kept_shared:
-        summary += f"; {len(removal.kept_shared)} file(s) stay, another model uses them"
-    if removal.kept_not_owned:
-        summary += "; its imported files stay where they are"
+    summary = removal.summary(found.name)
     if not yes:
         if not sys.stdin.isatty():
             raise PocketError(f"Not removing {found.name} without confirmation.", "Pass --yes to remove it from a script.")
-        if not click.confirm(summary + "?", default=False):
+        if not click.confirm(summary, default=False):
             click.echo("Nothing removed.")
             return
     remove_model(store, found)
     if removal.deleted:
         click.echo(f"Removed {found.name}, freed {human_bytes(removal.freed_bytes)}.")
     elif removal.kept_not_owned:
-        click.echo(f"Removed {found.name} from the store; its files stay where they are.")
+        click.echo(f"Removed {found.name} from the store; its files stay where they are (pocketlm did not fetch them).")
     else:
         click.echo(f"Removed {found.name}; its files stay, other models use them.")
 

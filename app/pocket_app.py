@@ -65,5 +65,5 @@ class PocketApp(App[None]):
         return self._initial_model or default_model_name(self.store, self.history)
 
     def on_unmount(self) -> None:
-        self.models_screen.action_cancel_pull()  # a pull keeps its bytes for next time; quitting must not wait for it
+        self.models_screen.stop_pull()  # a pull keeps its bytes for next time; quitting must not wait for it
         self.chat_screen.close_model()

@@ -35,4 +35,5 @@ def backend_for(model_format: str, preferred: str | None = None) -> Backend:
         raise BackendUnavailable(
             f"The {candidates[0].name} backend that runs {model_format} models is not installed.", candidates[0].install_hint
         )
-    raise BackendUnavailable(f"No installed backend runs {model_format} models.", "See `pocketlm backends`.")
+    hint = "See `pocketlm backends`." if model_format == "gguf" else "Pull a GGUF build of this model (`pocketlm search NAME --format gguf`), or see `pocketlm backends`."
+    raise BackendUnavailable(f"No installed backend runs {model_format} models.", hint)

@@ -21,7 +21,8 @@ from pocketlm.models.gguf_quants import GGUFChoice, gguf_choices
 DEFAULT_ENDPOINT = "https://huggingface.co"
 SearchSort = Literal["downloads", "likes", "updated"]
 SEARCH_FORMATS = ("gguf", "mlx", "gptq", "safetensors")
-_SORT_KEYS = {"downloads": "downloads", "likes": "likes", "updated": "last_modified"}
+_SORT_KEYS = {"downloads": "downloads", "likes": "likes", "updated": "lastModified"}  # the Hub API's names
+_API_TIMEOUT_S = 30
 
 
 def hub_endpoint() -> str:
@@ -115,6 +116,12 @@ def hub_errors(repo_id: str = "", revision: str | None = None, filename: str | N
     except (httpx2.TransportError, ConnectionError) as error:
         raise HubError(f"Cannot reach the Hugging Face Hub at {endpoint} ({type(error).__name__}).",
                        "Check your network connection; with HF_HUB_OFFLINE=1, pocketlm uses only the local cache.") from None  # fmt: skip
+    except errors.HFValidationError:
+        raise HubError(f"{repo_id!r} is not a valid Hub repo name.", "Write it as owner/name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.") from None
+    except (httpx2.HTTPError, errors.FileMetadataError, ValueError) as error:
+        # A login page or a proxy's error page in place of the Hub's JSON, a redirect loop, missing Hub headers.
+        raise HubError(f"{endpoint} did not answer like the Hugging Face Hub ({type(error).__name__}).",
+                       "A proxy or captive portal may be in the way: open a web page to check, or set HF_ENDPOINT.") from None  # fmt: skip
 
 
 def search_models(query: str, format: str | None = None, sort: SearchSort = "downloads", limit: int = 20) -> list[SearchResult]:
@@ -131,7 +138,7 @@ def search_models(query: str, format: str | None = None, sort: SearchSort = "dow
     params = {"search": query or None, "filter": format or None, "sort": _SORT_KEYS[sort], "limit": limit,
               "expand": ["downloads", "likes", "lastModified", "tags", "library_name", "gated"]}  # fmt: skip
     with hub_errors():
-        response = get_session().get(f"{hub_endpoint()}/api/models", params={k: v for k, v in params.items() if v}, headers=build_hf_headers(), timeout=30)
+        response = get_session().get(f"{hub_endpoint()}/api/models", params={k: v for k, v in params.items() if v}, headers=build_hf_headers(), timeout=_API_TIMEOUT_S)
         hf_raise_for_status(response)
         found = [ModelInfo(**item) for item in response.json()[:limit]]
     results = [
@@ -179,7 +186,7 @@ def list_repo(repo_id: str, revision: str | None = None) -> RemoteRepo:
     _quiet_library_logs()
     api = HfApi(endpoint=hub_endpoint())
     with hub_errors(repo_id, revision):
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=_API_TIMEOUT_S)
     files = tuple(
         RemoteFile(s.rfilename, s.lfs.size if s.lfs else (s.size or 0), s.lfs.sha256 if s.lfs else None, s.blob_id)
         for s in info.siblings or []

@@ -8,23 +8,35 @@ transfer itself lives here; everything around it (URLs, auth headers, redirects,
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import urlsplit
 
-from pocketlm.models.errors import Cancelled, HubError, ModelFileError
+from pocketlm.models.errors import Cancelled, HubError, ModelFileError, NotEnoughDisk
 from pocketlm.models.hub import RemoteFile, RemoteRepo, hub_endpoint, hub_errors, repo_cache_dir
 
 PARTIAL_SUFFIX = ".pocketlm-partial"
 _CHUNK_BYTES = 1 << 20
-_RETRIES_WITHOUT_PROGRESS = 5
+_ATTEMPTS_WITHOUT_PROGRESS = 5
+_CONTENT_RANGE_START = re.compile(r"bytes (\d+)-")
+_RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    path: Path  # the snapshot link
+    fetched: bool  # downloaded (or finished) by this call, rather than found in the cache
 
 
 def snapshot_path(repo: RemoteRepo, file: RemoteFile) -> Path:
@@ -35,9 +47,13 @@ def blob_path(repo: RemoteRepo, file: RemoteFile) -> Path:
     return repo_cache_dir(repo.repo_id) / "blobs" / file.etag
 
 
+def partial_path(repo: RemoteRepo, file: RemoteFile) -> Path:
+    return blob_path(repo, file).with_name(file.etag + PARTIAL_SUFFIX)
+
+
 def partial_bytes(repo: RemoteRepo, file: RemoteFile) -> int:
     """Bytes of `file` already on disk from an earlier, interrupted pull."""
-    partial = blob_path(repo, file).with_name(file.etag + PARTIAL_SUFFIX)
+    partial = partial_path(repo, file)
     return partial.stat().st_size if partial.is_file() else 0
 
 
@@ -50,101 +66,70 @@ def remember_revision(repo: RemoteRepo) -> None:
     if repo.revision == repo.commit:
         return
     ref = repo_cache_dir(repo.repo_id) / "refs" / repo.revision
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    temporary = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
-    temporary.write_text(repo.commit)
-    os.replace(temporary, ref)
+    with _cache_writes(ref.parent):
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        temporary = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
+        temporary.write_text(repo.commit)
+        os.replace(temporary, ref)
 
 
-def download_file(repo: RemoteRepo, file: RemoteFile, on_bytes: Callable[[int], None], cancel: threading.Event) -> Path:
-    """The cached path of `file`, fetching what is missing; `on_bytes(n)` is told of every chunk written."""
+def download_file(repo: RemoteRepo, file: RemoteFile, on_bytes: Callable[[int], None], cancel: threading.Event) -> CachedFile:
+    """`file` in the cache, fetching what is missing; `on_bytes(n)` hears of every chunk (and of bytes already here)."""
     pointer = snapshot_path(repo, file)
     if pointer.is_file():
-        return pointer
+        on_bytes(file.size)
+        return CachedFile(pointer, fetched=False)
     if not file.etag:
         raise HubError(f"The Hub gave no checksum for {file.name} in {repo.repo_id}, so it cannot be verified.", "Try again later.")
     blob = blob_path(repo, file)
-    if not blob.is_file():
-        from huggingface_hub.utils import WeakFileLock
+    fetched = False
+    with _cache_writes(blob.parent):
+        if not blob.is_file():
+            from huggingface_hub.utils import WeakFileLock
 
-        locks = repo_cache_dir(repo.repo_id).parent / ".locks" / repo_cache_dir(repo.repo_id).name
-        locks.mkdir(parents=True, exist_ok=True)
-        with WeakFileLock(locks / f"{file.etag}.lock"):
-            if not blob.is_file():
-                _transfer(repo, file, blob, on_bytes, cancel)
-    else:
-        on_bytes(file.size)
-    _link(blob, pointer)
-    return pointer
+            locks = repo_cache_dir(repo.repo_id).parent / ".locks" / repo_cache_dir(repo.repo_id).name
+            locks.mkdir(parents=True, exist_ok=True)
+            with WeakFileLock(locks / f"{file.etag}.lock"):  # the lock huggingface_hub takes for the same blob
+                if not blob.is_file():
+                    _transfer(repo, file, blob, on_bytes, cancel)
+                    fetched = True
+        if not fetched:
+            on_bytes(file.size)
+        _link(blob, pointer)
+    return CachedFile(pointer, fetched)
 
 
 def _transfer(repo: RemoteRepo, file: RemoteFile, blob: Path, on_bytes: Callable[[int], None], cancel: threading.Event) -> None:
-    import httpx2
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-    url = hf_hub_url(repo.repo_id, file.name, revision=repo.commit, endpoint=hub_endpoint())
-    headers = build_hf_headers()
-    with hub_errors(repo.repo_id, repo.revision, file.name):
-        metadata = get_hf_file_metadata(url, headers=headers, retry_on_errors=True)
-    location = metadata.location
-    if urlsplit(location).netloc != urlsplit(url).netloc:
-        headers.pop("authorization", None)  # never hand the user's token to the storage CDN
-
-    partial = blob.with_name(file.etag + PARTIAL_SUFFIX)
+    """Fill `blob`'s partial file from the Hub, resuming where it stopped, then verify it and move it into place."""
+    partial = partial_path(repo, file)
     blob.parent.mkdir(parents=True, exist_ok=True)
-    hasher = _new_hasher(file)
     with partial.open("ab+") as output:
-        output.seek(0)
-        while chunk := output.read(_CHUNK_BYTES):  # resuming: the checksum covers the bytes already here
-            hasher.update(chunk)
-        have = output.tell()
-        if have > file.size:
-            output.truncate(0)
-            have, hasher = 0, _new_hasher(file)
-        on_bytes(have)
-        failures = 0
-        while have < file.size:
+        state = _Partial(output, file)
+        on_bytes(state.have)
+        fruitless_attempts = 0
+        while state.have < file.size:
             if cancel.is_set():
-                raise Cancelled(f"Stopped pulling {file.name}; {have:,} of {file.size:,} bytes are kept for next time.")
-            request_headers = {**headers, "Range": f"bytes={have}-"} if have else headers
+                raise Cancelled(f"Stopped pulling {file.name}; {state.have:,} of {file.size:,} bytes are kept for next time.")
+            before = state.have
             try:
-                with get_session().stream("GET", location, headers=request_headers, follow_redirects=True) as response, \
-                        _closed_on(cancel, response):  # fmt: skip
-                    with hub_errors(repo.repo_id, repo.revision, file.name):
-                        hf_raise_for_status(response)
-                    if have and response.status_code != 206:  # the server ignored the range: start again
-                        output.truncate(0)
-                        have, hasher = 0, _new_hasher(file)
-                    for chunk in response.iter_bytes(_CHUNK_BYTES):
-                        output.write(chunk)
-                        hasher.update(chunk)
-                        have += len(chunk)
-                        failures = 0
-                        on_bytes(len(chunk))
-                        if have > file.size or cancel.is_set():
-                            break
-            except Exception as error:
+                _attempt(repo, file, state, on_bytes, cancel)
+            except _Retryable as error:
                 if cancel.is_set():
                     continue  # the watcher closed the stream under us: the loop's top reports the cancel
-                if isinstance(error, OSError) and not isinstance(error, ConnectionError):
-                    raise _disk_error(error, blob.parent) from None
-                if not isinstance(error, (httpx2.TransportError, ConnectionError)):
-                    raise
-                failures += 1
-                if failures > _RETRIES_WITHOUT_PROGRESS:
-                    output.flush()
-                    raise HubError(
-                        f"The connection kept dropping while pulling {file.name} ({type(error).__name__}); {have:,} bytes are kept.",
-                        "Run the same pull again to resume.",
-                    ) from None
-                time.sleep(min(0.2 * 2**failures, 5))
-            if have == file.size or have > file.size:
-                break
+                reason = str(error)
+            else:
+                reason = "the server ended the transfer early"
+            if state.have > before:
+                fruitless_attempts = 0
+                continue
+            fruitless_attempts += 1
+            if fruitless_attempts > _ATTEMPTS_WITHOUT_PROGRESS:
+                raise HubError(f"Pulling {file.name} made no progress after {fruitless_attempts} tries ({reason}); {state.have:,} bytes are kept.",
+                               "Check your connection, then run the same pull again to resume.")  # fmt: skip
+            time.sleep(min(0.25 * 2**fruitless_attempts, 8))
         output.flush()
         os.fsync(output.fileno())
-    digest = hasher.hexdigest()
-    expected = file.sha256 or file.git_oid
+    digest, expected, have = state.hasher.hexdigest(), file.sha256 or file.git_oid, state.have
     if have != file.size or digest != expected:
         partial.unlink(missing_ok=True)
         raise ModelFileError(
@@ -155,14 +140,92 @@ def _transfer(repo: RemoteRepo, file: RemoteFile, blob: Path, on_bytes: Callable
     os.replace(partial, blob)
 
 
+class _Retryable(Exception):
+    """A transfer attempt failed in a way a new attempt, resuming from the bytes on disk, may get past."""
+
+
+class _Partial:
+    """The partial file, its byte count and the checksum of those bytes, kept in step as chunks arrive."""
+
+    def __init__(self, output: BinaryIO, file: RemoteFile) -> None:
+        self.output, self.file = output, file
+        self.hasher = _new_hasher(file)
+        output.seek(0)
+        while chunk := output.read(_CHUNK_BYTES):  # resuming: the checksum covers the bytes already here
+            self.hasher.update(chunk)
+        self.have = output.tell()
+        if self.have > file.size:  # not a prefix of this file
+            self.restart()
+
+    def restart(self) -> None:
+        self.output.truncate(0)
+        self.output.seek(0)
+        self.hasher, self.have = _new_hasher(self.file), 0
+
+    def write(self, chunk: bytes) -> int:
+        chunk = chunk[: self.file.size - self.have]  # never more than the file holds; verification judges the rest
+        self.output.write(chunk)
+        self.hasher.update(chunk)
+        self.have += len(chunk)
+        return len(chunk)
+
+
+def _attempt(repo: RemoteRepo, file: RemoteFile, state: _Partial, on_bytes: Callable[[int], None], cancel: threading.Event) -> None:
+    """One request for the bytes `state` lacks, written into it as they arrive."""
+    import httpx2
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(repo.repo_id, file.name, revision=repo.commit, endpoint=hub_endpoint())
+    headers = build_hf_headers()
+    try:
+        with hub_errors(repo.repo_id, repo.revision, file.name):
+            # Each attempt asks afresh: the storage URL it points to is signed and expires.
+            location = get_hf_file_metadata(url, headers=headers).location
+        if urlsplit(location).netloc != urlsplit(url).netloc:
+            headers.pop("authorization", None)  # never hand the user's token to the storage CDN
+        if state.have:
+            headers["Range"] = f"bytes={state.have}-"
+        timeout = httpx2.Timeout(constants.HF_HUB_DOWNLOAD_TIMEOUT, connect=constants.HF_HUB_ETAG_TIMEOUT)
+        with get_session().stream("GET", location, headers=headers, follow_redirects=True, timeout=timeout) as response, \
+                _interrupted_on(cancel, response):  # fmt: skip
+            if response.status_code in _RETRY_STATUSES:
+                raise _Retryable(f"HTTP {response.status_code}")
+            with hub_errors(repo.repo_id, repo.revision, file.name):
+                hf_raise_for_status(response)
+            start = _range_start(response) if response.status_code == 206 else 0
+            if start != state.have:  # the server ignored the range, or sent another one: start over
+                on_bytes(-state.have)
+                state.restart()
+                if start:
+                    raise _Retryable(f"the server sent bytes from {start} instead of 0")
+            for chunk in response.iter_bytes(_CHUNK_BYTES):
+                on_bytes(state.write(chunk))
+                if state.have >= file.size or cancel.is_set():
+                    break
+    except (httpx2.TransportError, httpx2.StreamError, ConnectionError) as error:
+        raise _Retryable(type(error).__name__) from None
+    except HubError as error:
+        if cancel.is_set():
+            raise _Retryable("cancelled") from None
+        if "Cannot reach" in error.message:
+            raise _Retryable(error.message) from None
+        raise
+
+
+def _range_start(response: object) -> int:
+    match = _CONTENT_RANGE_START.match(getattr(response, "headers", {}).get("Content-Range", ""))
+    return int(match[1]) if match else -1
+
+
 def _new_hasher(file: RemoteFile) -> hashlib._Hash:
     """sha256 of the content for LFS files; for the others git's blob id, sha1 over a "blob <size>" header and the content."""
     return hashlib.sha256() if file.sha256 else hashlib.sha1(f"blob {file.size}\0".encode())
 
 
 @contextmanager
-def _closed_on(cancel: threading.Event, response: object) -> Iterator[None]:
-    """Close `response` as soon as `cancel` is set, so a cancel takes effect even while the server sends nothing."""
+def _interrupted_on(cancel: threading.Event, response: object) -> Iterator[None]:
+    """Interrupt `response` as soon as `cancel` is set, so a cancel takes effect even while the server sends nothing."""
     finished = threading.Event()
 
     def watch() -> None:
@@ -204,11 +267,15 @@ def _link(blob: Path, pointer: Path) -> None:
     os.replace(temporary, pointer)
 
 
-def _disk_error(error: OSError, where: Path) -> Exception:
-    import errno
-
-    if error.errno == errno.ENOSPC:
-        from pocketlm.models.errors import NotEnoughDisk
-
-        return NotEnoughDisk(f"The disk holding {where} filled up during the download.", "Free some space, then pull again to resume.")
-    return HubError(f"Cannot write to {where}: {error.strerror or error}.", "Check that the Hugging Face cache (HF_HOME) is writable.")
+@contextmanager
+def _cache_writes(where: Path) -> Iterator[None]:
+    """Disk trouble while writing to the Hub cache, in one sentence."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, ConnectionError) or error.errno is None:
+            raise
+        if error.errno == errno.ENOSPC:
+            raise NotEnoughDisk(f"The disk holding {where} filled up during the download.", "Free some space, then pull again to resume.") from None
+        raise HubError(f"Cannot write to the Hugging Face cache at {where}: {error.strerror or error}.",
+                       "Check that HF_HOME (or HF_HUB_CACHE) is writable.") from None  # fmt: skip

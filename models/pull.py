@@ -6,18 +6,19 @@ import re
 import shutil
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from pocketlm.models.errors import HubError, ModelFileError, NotEnoughDisk
 from pocketlm.models.fit import gib, human_bytes
-from pocketlm.models.formats import CHECKPOINT_SIDE_FILES, PICKLE_SUFFIXES, checkpoint_weight_files, inspect_model
+from pocketlm.models.formats import CHECKPOINT_SIDE_FILES, checkpoint_weight_files, inspect_model
 from pocketlm.models.gguf_quants import GGUFChoice, default_choice, gguf_choices
 from pocketlm.models.hub import RemoteFile, RemoteRepo, hub_cache_dir, list_repo
 from pocketlm.models.hub_download import download_file, is_cached, partial_bytes, remember_revision, snapshot_path
 from pocketlm.models.progress import ProgressCallback, ProgressUpdate, ignore_progress
 from pocketlm.models.store import LocalModel, ModelStore, model_from_facts
 
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# What the Hub accepts: letters, digits, "-", "_", "." (not first or last, no "--" or ".."), at most 96 characters.
+_REPO_PART = r"(?!.*(?:--|\.\.))[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
+_REPO_ID = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
 _URL_PREFIX = re.compile(r"^(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/", re.IGNORECASE)
 # Pickle weights only with --allow-pickle; never the ones that duplicate safetensors weights.
 _PICKLE_WEIGHTS = re.compile(r"^(pytorch_model|adapter_model|model)[\w.-]*\.bin$")
@@ -137,17 +138,21 @@ def run_pull(plan: PullPlan, store: ModelStore, on_progress: ProgressCallback = 
         on_progress(ProgressUpdate(description, done, total))
 
     on_progress(ProgressUpdate(description, 0, total))
+    fetched = False
     for file in plan.files:
         if plan.repo.from_cache:
             advance(file.size)
         else:
-            download_file(plan.repo, file, advance, cancel)
+            fetched |= download_file(plan.repo, file, advance, cancel).fetched
     if not plan.repo.from_cache:
         remember_revision(plan.repo)
-    return register_pulled(plan, store)
+    return register_pulled(plan, store, fetched)
 
 
-def register_pulled(plan: PullPlan, store: ModelStore) -> LocalModel:
+def register_pulled(plan: PullPlan, store: ModelStore, fetched: bool) -> LocalModel:
+    """Register the pulled files; pocketlm owns them (may delete them on `rm`) only if it downloaded them."""
+    from pocketlm.models.removal import delete_orphans
+
     paths = [snapshot_path(plan.repo, f) for f in plan.files]
     target = paths[0] if plan.gguf else paths[0].parent
     facts = inspect_model(target)
@@ -157,4 +162,8 @@ def register_pulled(plan: PullPlan, store: ModelStore) -> LocalModel:
     elif facts.files != tuple(paths):
         raise ModelFileError(f"{plan.name}: the pulled files do not form one GGUF model.", "Name the first part of the split file.")
     source = f"hf:{plan.repo.repo_id}@{plan.repo.commit}"
-    return store.add(model_from_facts(plan.name, facts, source, repo_id=plan.repo.repo_id, revision=plan.repo.commit, owned=True))
+    previous = store.get(plan.name)
+    replaced = [f for f in previous.files if f not in paths and store.is_owned(f)] if previous else []
+    model = store.add(model_from_facts(plan.name, facts, source, repo_id=plan.repo.repo_id, revision=plan.repo.commit, owned=fetched))
+    delete_orphans(store, replaced)  # the same name pulled at a newer commit: the old files are nobody's now
+    return model

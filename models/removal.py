@@ -7,7 +7,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pocketlm.models.hub_download import PARTIAL_SUFFIX
 from pocketlm.models.store import LocalModel, ModelStore
 
 
@@ -16,16 +15,43 @@ class Removal:
     deleted: list[Path] = field(default_factory=list)
     freed_bytes: int = 0
     kept_shared: list[Path] = field(default_factory=list)  # still used by another model
-    kept_not_owned: list[Path] = field(default_factory=list)  # imported: the user's own files
+    kept_not_owned: list[Path] = field(default_factory=list)  # imported, or in the Hub cache before pocketlm pulled it
+
+    def summary(self, name: str) -> str:
+        """The question to ask before removing: what goes and what stays."""
+        text = f"Remove {name}"
+        if self.deleted:
+            text += f" and delete {len(self.deleted)} file{'s' if len(self.deleted) > 1 else ''} ({_human(self.freed_bytes)})"
+        if self.kept_shared:
+            text += f"; {len(self.kept_shared)} file(s) stay, another model uses them"
+        if self.kept_not_owned:
+            text += "; files pocketlm did not fetch stay where they are"
+        return text + "?"
+
+
+def _human(n_bytes: int) -> str:
+    from pocketlm.models.fit import human_bytes
+
+    return human_bytes(n_bytes)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """What a file is, whatever the path to it: links and copies of a path name the same (device, inode)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino)
 
 
 def plan_removal(store: ModelStore, model: LocalModel) -> Removal:
     """What removing `model` would delete and keep, so the user can be asked first."""
+    in_use = {_identity(f) for other in store.list() if other.name != model.name for f in other.files} - {None}
     removal = Removal()
     for path in model.files or (model.path,):
-        if not model.owned:
+        if not store.is_owned(path):
             removal.kept_not_owned.append(path)
-        elif [user for user in store.users_of(path) if user != model.name]:
+        elif _identity(path) in in_use:
             removal.kept_shared.append(path)
         else:
             removal.deleted.append(path)
@@ -37,8 +63,16 @@ def remove_model(store: ModelStore, model: LocalModel) -> Removal:
     removal = plan_removal(store, model)
     store.remove(model.name)  # unregister first: a model must never point at files that are gone
     for path in removal.deleted:
-        _delete(path)
+        delete_file(path)
     return removal
+
+
+def delete_orphans(store: ModelStore, paths: list[Path]) -> None:
+    """Delete those of `paths` (files pocketlm owned) that no registered model uses any more."""
+    in_use = {_identity(f) for model in store.list() for f in model.files} - {None}
+    for path in paths:
+        if _identity(path) not in in_use:
+            delete_file(path)
 
 
 def _size(path: Path) -> int:
@@ -48,24 +82,30 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _delete(path: Path) -> None:
-    """Delete `path`; for a Hub cache link, its blob too unless another snapshot links to it, then empty folders."""
+def _link_target(link: Path) -> Path:
+    """Where `link` points, one level only (a blob may itself link into a store other repos share)."""
+    return Path(os.path.normpath(link.parent / os.readlink(link)))
+
+
+def delete_file(path: Path) -> None:
+    """Delete `path`. A Hub cache entry goes with its blob, unless another snapshot links to the blob, and the repo's
+    folder goes once nothing is left in it; nothing outside the repo's folder is touched."""
     snapshots = next((p for p in path.parents if p.name == "snapshots"), None)
-    if path.is_symlink() and snapshots is not None:
-        blob = path.resolve()
+    repo_folder = snapshots.parent if snapshots is not None else None
+    if not (path.is_symlink() and repo_folder is not None and repo_folder.name.startswith("models--")):
         path.unlink(missing_ok=True)
-        if not any(link.is_symlink() and link.resolve() == blob for link in snapshots.rglob("*")):
-            blob.unlink(missing_ok=True)
-        _prune_empty(path.parent, stop=snapshots)
-        repo_folder = snapshots.parent
-        paused = list((repo_folder / "blobs").glob(f"*{PARTIAL_SUFFIX}"))
-        if not any(snapshots.iterdir()) and not paused:  # nothing left of this repo: drop its refs and folder
-            shutil.rmtree(repo_folder, ignore_errors=True)
         return
+    blob = _link_target(path)
     path.unlink(missing_ok=True)
-
-
-def _prune_empty(folder: Path, stop: Path) -> None:
-    while folder != stop and folder.is_dir() and not any(folder.iterdir()):
-        os.rmdir(folder)
+    if blob.parent == repo_folder / "blobs":
+        linked_elsewhere = any(link.is_symlink() and _link_target(link) == blob for link in snapshots.rglob("*"))
+        if not linked_elsewhere:
+            blob.unlink(missing_ok=True)  # a link into a shared store: only the link goes
+    folder = path.parent
+    while folder != snapshots and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
         folder = folder.parent
+    blobs = repo_folder / "blobs"
+    # Paused pulls, other tools' downloads in progress and unlinked blobs keep the folder.
+    if not any(snapshots.iterdir()) and not (blobs.is_dir() and any(blobs.iterdir())):
+        shutil.rmtree(repo_folder, ignore_errors=True)

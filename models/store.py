@@ -25,21 +25,23 @@ _MIGRATIONS = [
         name TEXT PRIMARY KEY, path TEXT NOT NULL, format TEXT NOT NULL, architecture TEXT NOT NULL,
         parameter_count INTEGER NOT NULL, quantization TEXT NOT NULL, context_length INTEGER NOT NULL,
         size_bytes INTEGER NOT NULL, source TEXT NOT NULL, parent TEXT, lineage TEXT, added_at REAL NOT NULL,
-        repo_id TEXT NOT NULL DEFAULT '', revision TEXT NOT NULL DEFAULT '', owned INTEGER NOT NULL DEFAULT 0);
+        repo_id TEXT NOT NULL DEFAULT '', revision TEXT NOT NULL DEFAULT '');
     INSERT INTO models_v2 (name, path, format, architecture, parameter_count, quantization, context_length,
-        size_bytes, source, parent, lineage, added_at, owned)
+        size_bytes, source, parent, lineage, added_at)
         SELECT name, path, format, architecture, parameter_count, quantization, context_length, size_bytes, source,
-        parent, lineage, added_at, source LIKE 'pypi:%' FROM models;
-    DROP TABLE models;
-    ALTER TABLE models_v2 RENAME TO models;
+        parent, lineage, added_at FROM models;
     CREATE TABLE model_files (
-        model TEXT NOT NULL REFERENCES models(name) ON DELETE CASCADE ON UPDATE CASCADE,
-        path TEXT NOT NULL, PRIMARY KEY (model, path));
-    INSERT INTO model_files SELECT name, path FROM models""",
+        model TEXT NOT NULL REFERENCES models_v2(name) ON DELETE CASCADE ON UPDATE CASCADE,
+        path TEXT NOT NULL,
+        owned INTEGER NOT NULL DEFAULT 0,  -- pocketlm downloaded or wrote it, so `rm` may delete it
+        PRIMARY KEY (model, path));
+    INSERT INTO model_files SELECT name, path, source LIKE 'pypi:%' FROM models;
+    DROP TABLE models;
+    ALTER TABLE models_v2 RENAME TO models""",
 ]
 
 _COLUMNS = ("name", "path", "format", "architecture", "parameter_count", "quantization", "context_length",
-            "size_bytes", "source", "parent", "lineage", "added_at", "repo_id", "revision", "owned")  # fmt: skip
+            "size_bytes", "source", "parent", "lineage", "added_at", "repo_id", "revision")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,9 @@ class LocalModel:
     added_at: float = 0.0
     repo_id: str = ""  # the Hub repo it was pulled from
     revision: str = ""  # the commit it was pulled at
-    owned: bool = False  # pocketlm downloaded or wrote its files, so `rm` may delete them; imported files are the user's
+    # Registering: pocketlm downloaded or wrote these files just now. Read back: it did so for at least one of them.
+    # Only such files are ever deleted by `rm`; imported files and ones already in the Hub cache are the user's.
+    owned: bool = False
     files: tuple[Path, ...] = field(default=())
 
 
@@ -85,45 +89,58 @@ class ModelStore:
             model = replace(model, added_at=time.time())
         files = model.files or (model.path,)
         values = {column: getattr(model, column) for column in _COLUMNS}
-        values["path"], values["owned"] = str(model.path), int(model.owned)
+        values["path"] = str(model.path)
         placeholders = ", ".join(f":{column}" for column in _COLUMNS)
         with self._lock:
             self._connection.execute("BEGIN IMMEDIATE")
             try:
+                # A file pocketlm once fetched stays its own under every name that uses it.
+                owned = {str(f): model.owned or self._owned_locked(f) for f in files}
                 self._connection.execute("DELETE FROM model_files WHERE model = ?", (model.name,))
                 self._connection.execute(f"INSERT OR REPLACE INTO models ({', '.join(_COLUMNS)}) VALUES ({placeholders})", values)
-                self._connection.executemany("INSERT OR IGNORE INTO model_files VALUES (?, ?)", [(model.name, str(f)) for f in files])
+                self._connection.executemany("INSERT OR IGNORE INTO model_files VALUES (?, ?, ?)", [(model.name, f, int(o)) for f, o in owned.items()])
                 self._connection.execute("COMMIT")
             except BaseException:
                 self._connection.execute("ROLLBACK")
                 raise
-        return replace(model, files=tuple(files))
+        return replace(model, files=tuple(files), owned=any(owned.values()))
+
+    def _owned_locked(self, path: Path) -> bool:
+        row = self._connection.execute("SELECT 1 FROM model_files WHERE path = ? AND owned = 1", (str(path),)).fetchone()
+        return row is not None
+
+    def is_owned(self, path: Path) -> bool:
+        """Whether pocketlm downloaded or wrote `path` (under any model's name)."""
+        with self._lock:
+            return self._owned_locked(path)
 
     def register(self, path: Path, source: str, name: str | None = None, **origin: object) -> LocalModel:
         """Check the model at `path` (a GGUF file or a model folder) and register it under `name` (default: its file or folder name)."""
-        path = Path(path).resolve()
+        # Absolute but unresolved: a Hub cache link stays a link, so it is recognised as the file other models use.
+        path = Path(path).expanduser().absolute()
         facts = inspect_model(path)
         return self.add(model_from_facts(name or (path.stem if path.is_file() else path.name), facts, source, **origin))
 
     def list(self) -> list[LocalModel]:
         with self._lock:
             rows = self._connection.execute("SELECT * FROM models ORDER BY name").fetchall()
-            file_rows = self._connection.execute("SELECT model, path FROM model_files ORDER BY path").fetchall()
-        files: dict[str, list[Path]] = {}
+            file_rows = self._connection.execute("SELECT model, path, owned FROM model_files ORDER BY path").fetchall()
+        files: dict[str, list[sqlite3.Row]] = {}
         for row in file_rows:
-            files.setdefault(row["model"], []).append(Path(row["path"]))
+            files.setdefault(row["model"], []).append(row)
         return [self._model(row, files.get(row["name"], [])) for row in rows]
 
     def get(self, name: str) -> LocalModel | None:
         with self._lock:
             row = self._connection.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
-            file_rows = self._connection.execute("SELECT path FROM model_files WHERE model = ? ORDER BY path", (name,)).fetchall()
-        return self._model(row, [Path(r["path"]) for r in file_rows]) if row else None
+            file_rows = self._connection.execute("SELECT path, owned FROM model_files WHERE model = ? ORDER BY path", (name,)).fetchall()
+        return self._model(row, file_rows) if row else None
 
     @staticmethod
-    def _model(row: sqlite3.Row, files: list[Path]) -> LocalModel:
+    def _model(row: sqlite3.Row, file_rows: list[sqlite3.Row]) -> LocalModel:
         values = dict(row)
-        return LocalModel(**{**values, "path": Path(values["path"]), "owned": bool(values["owned"]), "files": tuple(files)})
+        files = tuple(Path(f["path"]) for f in file_rows)
+        return LocalModel(**{**values, "path": Path(values["path"]), "owned": any(f["owned"] for f in file_rows), "files": files})
 
     def resolve(self, query: str) -> LocalModel:
         """The model named `query`, or the only one whose name (or name without its `owner/`) starts with it."""

@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from textual import on, work
+from textual.worker import get_current_worker
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -177,13 +178,7 @@ class ModelsScreen(Screen[None]):
             self.notify(f"{model.name} is open in Chat; open another model first.", severity="warning")
             return
         removal = plan_removal(self.app.store, model)
-        question = f"Delete {model.name}?"
-        if removal.deleted:
-            question += f" This frees {human_bytes(removal.freed_bytes)}."
-        if removal.kept_not_owned:
-            question += " Its imported files stay where they are."
-        if removal.kept_shared:
-            question += " Files another model uses stay."
+        question = removal.summary(model.name)
 
         def confirmed(yes: bool | None) -> None:
             if yes:
@@ -217,13 +212,19 @@ class ModelsScreen(Screen[None]):
         try:
             results = search_models(query, model_format, sort, limit=30)  # type: ignore[arg-type]
         except PocketError as error:
-            self.app.call_from_thread(self._search_failed, error)
+            if not get_current_worker().is_cancelled:
+                self.app.call_from_thread(self._search_failed, str(error))
             return
-        self.app.call_from_thread(self._show_results, results)
+        except Exception as error:  # noqa: BLE001
+            if not get_current_worker().is_cancelled:
+                self.app.call_from_thread(self._search_failed, f"The search failed unexpectedly: {error}")
+            return
+        if not get_current_worker().is_cancelled:  # a newer search replaced this one
+            self.app.call_from_thread(self._show_results, results)
 
-    def _search_failed(self, error: PocketError) -> None:
+    def _search_failed(self, message: str) -> None:
         self.query_one("#hub-results", DataTable).loading = False
-        self.notify(str(error), title="Search failed", severity="error", timeout=15)
+        self.notify(message, title="Search failed", severity="error", timeout=15)
 
     def _show_results(self, results: list[SearchResult]) -> None:
         table = self.query_one("#hub-results", DataTable)
@@ -256,7 +257,8 @@ class ModelsScreen(Screen[None]):
             for choice in result.gguf_files:
                 parts = f", {len(choice.files)} parts" if len(choice.files) > 1 else ""
                 note = "  [dim](default)[/dim]" if choice == default else ""
-                options.add_option(Option(f"{choice.quant}  {human_bytes(choice.size_bytes)}{parts}{note}", id=f"{result.repo_id}:{choice.quant}"))
+                # By file, not quant name: a repo may hold two files of one quant.
+                options.add_option(Option(f"{choice.quant}  {human_bytes(choice.size_bytes)}{parts}{note}", id=f"{result.repo_id}:{choice.first_file}"))
         if set(result.formats) & {"safetensors", "mlx", "gptq", "lora"} or not result.gguf_files:
             options.add_option(Option("Checkpoint: config, tokenizer and safetensors weights", id=result.repo_id))
 
@@ -300,6 +302,8 @@ class ModelsScreen(Screen[None]):
             self.app.call_from_thread(self._pull_finished, None, str(error) + " Pull it again to resume.", "warning")
         except PocketError as error:
             self.app.call_from_thread(self._pull_finished, None, str(error), "error")
+        except Exception as error:  # noqa: BLE001 - a worker's surprise must become a notification, not end the app
+            self.app.call_from_thread(self._pull_finished, None, f"The pull failed unexpectedly: {error}", "error")
         else:
             self.app.call_from_thread(self._pull_finished, model, f"{model.name} is ready: press Enter to chat with it.", "information")
 
@@ -326,6 +330,11 @@ class ModelsScreen(Screen[None]):
             self.query_one(TabbedContent).active = "local"
             self.refresh_local(select=model.name)
             self.query_one("#local-models", DataTable).focus()
+
+    def stop_pull(self) -> None:
+        """Ask a running pull to stop (safe at any time, also while the app shuts down)."""
+        if self._pull_cancel is not None:
+            self._pull_cancel.set()
 
     @on(Button.Pressed, "#pull-cancel")
     def action_cancel_pull(self) -> None:

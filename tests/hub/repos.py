@@ -120,6 +120,7 @@ def fixture_repos(starter: bytes) -> list[HubRepo]:
             "README.md": readme,
         },
         tags=["transformers", "safetensors", "llama", "text-generation"], library_name="transformers", downloads=900, likes=3,
+        last_modified="2026-11-01T08:00:00.000Z",
     )  # fmt: skip
     gated = HubRepo(GATED_REPO, {"gated-Q4_K_M.gguf": HubFile(small_gguf(LlamaFileType.MOSTLY_Q4_K_M))},
                     tags=["gguf", "llama"], gated=True, downloads=300)  # fmt: skip

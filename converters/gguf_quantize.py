@@ -1,0 +1,126 @@
+"""Quantize a GGUF (f32/f16/bf16, or a higher quant) to Q8_0 … Q2_K, the K-quant mixes and IQ4_XS/IQ4_NL,
+with llama.cpp's own quantizer through llama-cpp-python."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from pocketlm.converters.base import ConversionError, ConversionResult, ConvertOptions, atomic_output, check_cancel
+from pocketlm.models.fit import physical_cores
+from pocketlm.models.gguf_info import read_gguf
+from pocketlm.models.progress import ProgressCallback, ProgressUpdate
+
+
+@dataclass(frozen=True)
+class QuantType:
+    name: str
+    ftype: int  # llama.cpp's llama_ftype
+    bits_per_weight: float  # llama.cpp's quantize tool states these for a 7B Llama; sizes scale with them
+    quality: str
+
+
+# From llama.cpp's `llama-quantize --help` and its README's perplexity table (Llama-3-8B): a note users can act on.
+QUANT_TYPES = {q.name: q for q in (
+    QuantType("Q8_0", 7, 8.50, "practically lossless"),
+    QuantType("Q6_K", 18, 6.56, "near lossless"),
+    QuantType("Q5_K_M", 17, 5.70, "very small loss, recommended if it fits"),
+    QuantType("Q5_K_S", 16, 5.54, "very small loss"),
+    QuantType("Q5_1", 9, 6.00, "small loss (legacy format)"),
+    QuantType("Q5_0", 8, 5.50, "small loss (legacy format)"),
+    QuantType("Q4_K_M", 15, 4.89, "balanced: the usual choice"),
+    QuantType("Q4_K_S", 14, 4.58, "slightly worse than Q4_K_M, smaller"),
+    QuantType("IQ4_XS", 30, 4.25, "close to Q4_K_S, smaller; best with an importance matrix"),
+    QuantType("IQ4_NL", 25, 4.50, "4-bit non-linear, good on CPUs"),
+    QuantType("Q4_1", 3, 5.00, "legacy 4-bit"),
+    QuantType("Q4_0", 2, 4.50, "legacy 4-bit, fastest on some ARM CPUs"),
+    QuantType("Q3_K_L", 13, 4.27, "noticeable loss"),
+    QuantType("Q3_K_M", 12, 3.91, "noticeable loss"),
+    QuantType("Q3_K_S", 11, 3.50, "large loss"),
+    QuantType("Q2_K", 10, 2.96, "very large loss; for the biggest models only"),
+)}  # fmt: skip
+
+_UNQUANTIZED = {"ALL_F32", "F16", "BF16"}
+_PROGRESS_LINE = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+
+
+def quant_type(name: str) -> QuantType:
+    try:
+        return QUANT_TYPES[name.upper()]
+    except KeyError:
+        raise ConversionError(f"{name!r} is not a quantization pocketlm knows.", f"Choose one of {', '.join(QUANT_TYPES)}.") from None
+
+
+def expected_size(source_parameters: int, quant: QuantType) -> int:
+    return int(source_parameters * quant.bits_per_weight / 8)
+
+
+class GGUFQuantizer:
+    name: ClassVar[str] = "gguf-quantize"
+    source_formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
+    target_format: ClassVar[str] = "gguf"
+
+    def convert(self, source: Path, destination: Path, options: ConvertOptions, on_progress: ProgressCallback) -> ConversionResult:
+        import llama_cpp
+
+        if options.quant is None:
+            raise ConversionError("Quantizing needs a target type.", f"Choose one of {', '.join(QUANT_TYPES)}.")
+        quant = quant_type(options.quant)
+        summary = read_gguf(source)  # refuses a damaged input before llama.cpp sees it
+        if summary.quantization not in _UNQUANTIZED:
+            raise ConversionError(
+                f"{source.name} is already quantized ({summary.quantization}); quantizing it again would compound the loss.",
+                "Quantize from the f16, bf16 or f32 GGUF (`pocketlm convert MODEL --to gguf` makes one from a checkpoint).",
+            )
+        if options.imatrix is not None:
+            raise ConversionError("Importance matrices are not supported yet.", "Quantize without --imatrix.")
+        check_cancel(options)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = quant.ftype
+        params.nthread = options.threads or physical_cores()
+        description = f"Quantizing {source.name} to {quant.name}"
+        on_progress(ProgressUpdate(description, 0, None))
+        with atomic_output(destination) as temporary, _progress_from_log(description, on_progress):
+            status = llama_cpp.llama_model_quantize(str(source).encode(), str(temporary).encode(), ctypes.byref(params))
+            if status != 0:
+                raise ConversionError(f"llama.cpp could not quantize {source.name} to {quant.name} (status {status}).",
+                                      "Check that the input is an f32, f16 or bf16 GGUF that llama.cpp loads.")  # fmt: skip
+            read_gguf(temporary)  # the output must be a whole, loadable file before it replaces anything
+        return ConversionResult(destination, f"quantize {quant.name}")
+
+
+_log_lock = threading.Lock()
+
+
+class _progress_from_log:
+    """llama.cpp reports each tensor it quantizes in its log ("[  12/ 272] blk.0.attn_q.weight ..."); turn those
+    lines into progress, and keep its chatter off the terminal. The log callback is process-wide, hence the lock."""
+
+    def __init__(self, description: str, on_progress: ProgressCallback) -> None:
+        self.description, self.on_progress = description, on_progress
+
+    def __enter__(self) -> None:
+        import llama_cpp
+
+        _log_lock.acquire()
+
+        @llama_cpp.llama_log_callback
+        def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if text and (match := _PROGRESS_LINE.search(text)):
+                self.on_progress(ProgressUpdate(self.description, int(match[1]), int(match[2])))
+
+        self._callback = on_log  # keep a reference: llama.cpp holds only the pointer
+        llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+
+    def __exit__(self, *exc: object) -> None:
+        import llama_cpp
+        from llama_cpp import _logger
+
+        try:
+            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))  # llama-cpp-python's own, back
+        finally:
+            _log_lock.release()

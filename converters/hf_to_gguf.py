@@ -1,0 +1,205 @@
+"""Hugging Face safetensors checkpoint → GGUF, written with the `gguf` package.
+
+Tensors stream from the memory-mapped safetensors files to the GGUF one at a time (header and tensor index first,
+then each tensor converted and written), so peak memory is about the largest tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from pocketlm.converters.base import ConversionError, ConversionResult, ConvertOptions, atomic_output, check_cancel
+from pocketlm.converters.gguf_architectures import ARCHITECTURES, Architecture, Config, head_dim, llama3_rope_factors, rope_settings, setting, supported_names
+from pocketlm.converters.gguf_tokenizer import write_tokenizer
+from pocketlm.models.errors import ModelFileError
+from pocketlm.models.formats import checkpoint_weight_files
+from pocketlm.models.progress import ProgressCallback, ProgressUpdate
+from pocketlm.models.safetensors_header import read_safetensors_header
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+_FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_BF16
+_SKIPPED = (".rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    source_name: str
+    gguf_name: str
+    file: Path
+    offset: int
+    size: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class HfToGGUF:
+    name: ClassVar[str] = "hf-to-gguf"
+    source_formats: ClassVar[frozenset[str]] = frozenset({"safetensors"})
+    target_format: ClassVar[str] = "gguf"
+
+    def convert(self, source: Path, destination: Path, options: ConvertOptions, on_progress: ProgressCallback) -> ConversionResult:
+        import gguf
+
+        if options.outtype not in OUTTYPES:
+            raise ConversionError(f"{options.outtype!r} is not an output type for GGUF conversion.", f"Choose one of {', '.join(OUTTYPES)}.")
+        config = _read_config(source)
+        architecture = _architecture(config)
+        arch = getattr(gguf.MODEL_ARCH, architecture.gguf_arch)
+        tensors = list(_tensors(source, config, arch))
+        description = f"Converting {source.name} to GGUF {options.outtype}"
+        on_progress(ProgressUpdate(description, 0, len(tensors)))
+        with atomic_output(destination) as temporary:
+            writer = gguf.GGUFWriter(temporary, gguf.MODEL_ARCH_NAMES[arch])
+            parameters = sum(int(np.prod(t.shape)) for t in tensors)
+            _write_metadata(writer, source, config, options.outtype, options.model_name or source.name, parameters)
+            extra = _extra_tensors(config)
+            planned = [(t, _output_type(t.gguf_name, t.shape, options.outtype)) for t in tensors]
+            for tensor, qtype in planned:
+                _add_info(writer, tensor.gguf_name, tensor.shape, qtype)
+            for name, data in extra:
+                writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for done, (tensor, qtype) in enumerate(planned, start=1):
+                check_cancel(options)
+                data = architecture.transform(tensor.source_name, _load(tensor), config)
+                writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(data), qtype))
+                on_progress(ProgressUpdate(description, done, len(tensors)))
+            for _, data in extra:
+                writer.write_tensor_data(data)
+            writer.close()
+        return ConversionResult(destination, f"convert {options.outtype}")
+
+
+def _read_config(folder: Path) -> Config:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{folder} has no config.json, so it cannot be converted.", "Give the folder of a Hugging Face checkpoint.")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{path} cannot be read as JSON ({error}).") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} is not a JSON object.")
+    return config
+
+
+def _architecture(config: Config) -> Architecture:
+    names = config.get("architectures") or []
+    for name in names if isinstance(names, list) else []:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    shown = ", ".join(map(str, names)) if names else f"model_type {config.get('model_type')!r}"
+    raise ConversionError(f"pocketlm cannot convert {shown} to GGUF yet.", f"Supported: {supported_names()}.")
+
+
+def _tensors(folder: Path, config: Config, arch: object) -> Iterator[_Tensor]:
+    import gguf
+
+    names = sorted(p.name for p in folder.iterdir())
+    weights = checkpoint_weight_files(names)
+    if not weights:
+        raise ConversionError(f"{folder} has no *.safetensors weights.", "Pull or copy the weight files too.")
+    layers = int(setting(config, "num_hidden_layers"))  # type: ignore[arg-type]
+    name_map = gguf.get_tensor_name_map(arch, layers)  # type: ignore[arg-type]
+    tied = bool(setting(config, "tie_word_embeddings", False))
+    for file_name in weights:
+        path = folder / file_name
+        header = read_safetensors_header(path)  # refuses a truncated file before anything is written
+        for entry in gguf.SafetensorsLocal(path).tensors.items():
+            source_name, local = entry
+            if source_name.endswith(_SKIPPED) or (tied and source_name == "lm_head.weight"):
+                continue
+            gguf_name = name_map.get_name(source_name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise ConversionError(f"{path.name} holds a tensor pocketlm does not know how to place: {source_name}.",
+                                      "This checkpoint has parts its architecture's converter does not expect.")  # fmt: skip
+            yield _Tensor(source_name, gguf_name, path, local.data_range.offset, local.data_range.size, local.dtype, tuple(local.shape))
+        del header
+
+
+def _load(tensor: _Tensor) -> np.ndarray:
+    """The tensor as float32, read through a memory map (only its own bytes are touched)."""
+    raw = np.memmap(tensor.file, mode="r", dtype=np.uint8, offset=tensor.offset, shape=(tensor.size,))
+    if tensor.dtype == "F32":
+        data = raw.view(np.float32)
+    elif tensor.dtype == "F16":
+        data = raw.view(np.float16).astype(np.float32)
+    elif tensor.dtype == "BF16":
+        data = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        raise ModelFileError(f"Tensor {tensor.source_name} is {tensor.dtype}; only F32, F16 and BF16 checkpoints can be converted.")
+    return data.reshape(tensor.shape)
+
+
+def _output_type(name: str, shape: tuple[int, ...], outtype: str) -> object:
+    """1-D tensors (norms, biases) stay F32, as llama.cpp's own converter keeps them; matrices take the outtype."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if len(shape) < 2 or outtype == "f32":
+        return Q.F32
+    if outtype == "q8_0":
+        return Q.Q8_0 if shape[-1] % 32 == 0 else Q.F16
+    return {"f16": Q.F16, "bf16": Q.BF16}[outtype]
+
+
+def _add_info(writer: object, name: str, shape: tuple[int, ...], qtype: object) -> None:
+    import gguf
+
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]  # type: ignore[index]
+    n_bytes = int(np.prod(shape)) // block * type_size
+    byte_shape = gguf.quant_shape_to_byte_shape(shape, qtype) if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else shape  # type: ignore[arg-type]
+    dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(qtype, np.uint8)  # type: ignore[call-overload]
+    writer.add_tensor_info(name, byte_shape, np.dtype(dtype), n_bytes, raw_dtype=qtype)  # type: ignore[attr-defined]
+
+
+def _extra_tensors(config: Config) -> list[tuple[str, np.ndarray]]:
+    """Tensors llama.cpp needs that the checkpoint does not hold: Llama 3.1's RoPE frequency factors."""
+    if rope_settings(config)["rope_type"] == "llama3":
+        return [("rope_freqs.weight", llama3_rope_factors(config))]
+    return []
+
+
+def _write_metadata(writer: object, folder: Path, config: Config, outtype: str, name: str, parameters: int) -> None:
+    import gguf
+
+    w = writer  # a gguf.GGUFWriter
+    hidden, heads = int(setting(config, "hidden_size")), int(setting(config, "num_attention_heads"))  # type: ignore[arg-type]
+    vocab_size = int(setting(config, "vocab_size"))  # type: ignore[arg-type]
+    # Name, license, base model and the rest of the model card, as llama.cpp's converter reads them.
+    metadata = gguf.Metadata.load(None, folder, name.rsplit("/", 1)[-1], parameters)
+    metadata.set_gguf_meta_model(w)  # type: ignore[arg-type]
+    w.add_context_length(int(setting(config, "max_position_embeddings", 2048)))  # type: ignore[attr-defined, arg-type]
+    w.add_embedding_length(hidden)  # type: ignore[attr-defined]
+    w.add_feed_forward_length(int(setting(config, "intermediate_size")))  # type: ignore[attr-defined, arg-type]
+    w.add_block_count(int(setting(config, "num_hidden_layers")))  # type: ignore[attr-defined, arg-type]
+    w.add_head_count(heads)  # type: ignore[attr-defined]
+    w.add_head_count_kv(int(setting(config, "num_key_value_heads") or heads))  # type: ignore[attr-defined, arg-type]
+    w.add_layer_norm_rms_eps(float(setting(config, "rms_norm_eps", 1e-6)))  # type: ignore[attr-defined, arg-type]
+    w.add_vocab_size(vocab_size)  # type: ignore[attr-defined]
+    dim = head_dim(config)
+    w.add_rope_dimension_count(dim)  # type: ignore[attr-defined]
+    if dim != hidden // heads:
+        w.add_key_length(dim)  # type: ignore[attr-defined]
+        w.add_value_length(dim)  # type: ignore[attr-defined]
+    rope = rope_settings(config)
+    w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))  # type: ignore[attr-defined, arg-type]
+    rope_type = rope["rope_type"]
+    if rope_type in ("linear", "yarn"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if rope_type == "linear" else gguf.RopeScalingType.YARN)  # type: ignore[attr-defined]
+        w.add_rope_scaling_factor(float(rope["factor"]))  # type: ignore[attr-defined, arg-type]
+        if rope_type == "yarn" and rope.get("original_max_position_embeddings"):
+            w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))  # type: ignore[attr-defined, arg-type]
+    elif rope_type not in ("default", "llama3"):
+        raise ConversionError(f"RoPE scaling {rope_type!r} is not supported yet.", "Look for a ready-made GGUF of this model.")
+    w.add_file_type(_FILE_TYPES[outtype])  # type: ignore[attr-defined]
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # type: ignore[attr-defined]
+    write_tokenizer(writer, folder, vocab_size)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from pocketlm.app import cli_models, exit_codes
+from pocketlm.app import cli_convert, cli_models, exit_codes
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -294,7 +294,8 @@ def backends() -> None:
         click.echo(f"{backend.name:<12} {', '.join(sorted(backend.formats)):<20} {state}")
 
 
-for _command in (cli_models.search, cli_models.pull, cli_models.list_models, cli_models.info, cli_models.rm, cli_models.import_model):
+for _command in (cli_models.search, cli_models.pull, cli_models.list_models, cli_models.info, cli_models.rm, cli_models.import_model,
+                 cli_convert.convert, cli_convert.quantize):  # fmt: skip
     cli.add_command(_command)
 
 

@@ -149,6 +149,9 @@ class ModelStore:
             return exact
         models = self.list()
         wanted = query.lower()
+        exact = [m for m in models if wanted in (m.name.lower(), m.name.lower().partition("/")[2])]
+        if len(exact) == 1:  # "SmolLM2-135M-Instruct" names owner/SmolLM2-135M-Instruct even beside its :Q4_K_M child
+            return exact[0]
         matches = [m for m in models if m.name.lower().startswith(wanted) or m.name.lower().partition("/")[2].startswith(wanted)]
         if len(matches) == 1:
             return matches[0]

@@ -1,0 +1,77 @@
+"""`pocketlm convert` and `pocketlm quantize`. Heavy imports stay inside each command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+QUANT_HELP = "Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, IQ4_XS, IQ4_NL, Q4_1, Q4_0, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K"
+
+
+def _source(store, query: str):  # type: ignore[no-untyped-def]
+    """A stored model, or a path to a checkpoint folder or GGUF file (registered as an import first)."""
+    candidate = Path(query).expanduser()
+    if candidate.exists():
+        resolved = candidate.absolute()
+        existing = next((m for m in store.list() if m.path == resolved), None)
+        return existing or store.register(resolved, source=f"import:{resolved}")
+    return store.resolve(query)
+
+
+def _run(store, source, options) -> None:  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    from pocketlm.app.progress_view import rich_progress
+    from pocketlm.converters.conversion_job import convert_model
+    from pocketlm.models.errors import Cancelled
+    from pocketlm.models.fit import human_bytes
+
+    try:
+        with rich_progress(Console(stderr=True), unit="tensors") as show_progress:
+            model = convert_model(store, source, options, show_progress)
+    except KeyboardInterrupt:
+        raise Cancelled("Conversion interrupted; nothing was written.") from None
+    click.echo(f"{model.name} is ready ({human_bytes(model.size_bytes)}, {model.lineage} of {source.name}): pocketlm chat {model.name}")
+
+
+@click.command()
+@click.argument("model")
+@click.option("--to", "target", type=click.Choice(["gguf"]), default="gguf", show_default=True, help="Target format.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True, help="GGUF written from the checkpoint.")
+@click.option("--quant", help=f"Then quantize to this type: {QUANT_HELP}.")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Importance matrix for the quantization.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for quantizing (default: physical cores).")
+def convert(model: str, target: str, outtype: str, quant: str | None, imatrix: Path | None, threads: int | None) -> None:
+    """Convert MODEL (a Hugging Face checkpoint in the store, or its folder) to GGUF, and optionally quantize it.
+
+    The result is registered with its lineage: `pocketlm info` shows where it came from.
+    """
+    from pocketlm.app.cli_models import _store
+    from pocketlm.converters.base import ConvertOptions
+    from pocketlm.converters.gguf_quantize import quant_type
+
+    if quant:
+        quant_type(quant)  # an unknown type fails before any work
+    store = _store()
+    _run(store, _source(store, model), ConvertOptions(outtype=outtype, quant=quant, imatrix=imatrix, threads=threads))
+
+
+@click.command()
+@click.argument("model")
+@click.argument("quant", metavar="TYPE")
+@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Importance matrix.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads (default: physical cores).")
+def quantize(model: str, quant: str, imatrix: Path | None, threads: int | None) -> None:
+    """Quantize MODEL (an f16, bf16 or f32 GGUF in the store, or its path) to TYPE.
+
+    TYPE is one of Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, IQ4_XS, IQ4_NL, Q4_1, Q4_0, Q3_K_L,
+    Q3_K_M, Q3_K_S, Q2_K; Q4_K_M is the usual choice.
+    """
+    from pocketlm.app.cli_models import _store
+    from pocketlm.converters.base import ConvertOptions
+    from pocketlm.converters.gguf_quantize import quant_type
+
+    quant_type(quant)
+    store = _store()
+    _run(store, _source(store, model), ConvertOptions(quant=quant, imatrix=imatrix, threads=threads))

@@ -1,0 +1,70 @@
+"""A conversion as users ask for it: a stored model (or a path) to GGUF, optionally quantized, registered with its
+lineage. The CLI and the app both run this."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from pocketlm.converters.base import ConversionError, ConvertOptions
+from pocketlm.converters.registry import converter_for
+from pocketlm.models.errors import NotEnoughDisk
+from pocketlm.models.fit import gib
+from pocketlm.models.locations import models_dir
+from pocketlm.models.progress import ProgressCallback, ignore_progress
+from pocketlm.models.store import LocalModel, ModelStore
+
+_SUFFIX = re.compile(r":(F32|F16|BF16|Q8_0)$", re.IGNORECASE)
+
+
+def output_name(source_name: str, label: str) -> str:
+    """`owner/model` → `owner/model:Q4_K_M`; a GGUF already named for its type (`x:F16`) gets the new one instead."""
+    return f"{_SUFFIX.sub('', source_name)}:{label}"
+
+
+def file_name_for(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "-", name).strip("-") + ".gguf"
+
+
+def _check_space(source: LocalModel, destination: Path, options: ConvertOptions) -> None:
+    """Refuse before writing when the output (and the f16 step of a quantization) cannot fit, with the numbers."""
+    parameters = source.parameter_count or source.size_bytes // 2
+    bytes_per_weight = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.07}.get(options.outtype, 2.0)
+    needed = int(parameters * bytes_per_weight) if source.format != "gguf" else 0
+    if options.quant:
+        from pocketlm.converters.gguf_quantize import expected_size, quant_type
+
+        needed += expected_size(parameters, quant_type(options.quant))
+    free = shutil.disk_usage(destination.parent).free
+    if needed > free:
+        raise NotEnoughDisk(f"Converting {source.name} needs about {gib(needed)} on {destination.parent}, but only {gib(free)} is free.",
+                            "Free some space, or choose a smaller output type.")  # fmt: skip
+
+
+def convert_model(store: ModelStore, source: LocalModel, options: ConvertOptions, on_progress: ProgressCallback = ignore_progress,
+                  name: str | None = None) -> LocalModel:  # fmt: skip
+    """Convert `source` to GGUF (a checkpoint) and/or quantize it (a GGUF); register the result as its child."""
+    if source.format not in ("safetensors", "gguf"):
+        raise ConversionError(f"{source.name} is a {source.format} model; pocketlm converts safetensors checkpoints and quantizes GGUF files.")
+    if source.format == "gguf" and not options.quant:
+        raise ConversionError(f"{source.name} is already a GGUF file.", "Pass a quantization (e.g. --quant Q4_K_M) to make a smaller one.")
+    if options.quant and options.outtype == "q8_0":
+        raise ConversionError("Quantizing starts from an f16, bf16 or f32 GGUF, not q8_0.", "Drop --outtype q8_0, or drop --quant.")
+    label = options.quant.upper() if options.quant else options.outtype.upper()
+    target_name = name or output_name(source.name, label)
+    destination = models_dir() / file_name_for(target_name)
+    _check_space(source, destination, options)
+    steps: list[str] = []
+    with tempfile.TemporaryDirectory(dir=models_dir(), prefix=".converting-") as work:
+        gguf_path = source.path
+        if source.format == "safetensors":
+            converted = destination if not options.quant else Path(work) / "f16.gguf"
+            named = ConvertOptions(**{**options.__dict__, "model_name": options.model_name or source.name})
+            result = converter_for("safetensors", "gguf").convert(source.path, converted, named, on_progress)
+            gguf_path, steps = result.path, [result.how]
+        if options.quant:
+            result = converter_for("gguf", "gguf").convert(gguf_path, destination, options, on_progress)
+            steps.append(result.how)
+    return store.register(destination, source="convert", name=target_name, parent=source.name, lineage=", ".join(steps), owned=True)

@@ -1,0 +1,45 @@
+"""Tiny random models, one per architecture the GGUF converter supports, built from transformers configs in seconds.
+
+Weights are drawn wider than transformers' initialisation (which leaves logits almost uniform) and norm weights
+away from 1, so a misplaced, mis-permuted or mis-scaled tensor changes the logits visibly.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "max_position_embeddings": 512, "vocab_size": 49152, "rms_norm_eps": 1e-6,
+         "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2}  # fmt: skip
+
+TINY_CONFIGS: dict[str, tuple[str, dict[str, object]]] = {
+    "llama": ("LlamaConfig", {**SMALL, "tie_word_embeddings": False}),
+    "llama-tied": ("LlamaConfig", {**SMALL, "tie_word_embeddings": True}),
+    "llama3-rope-scaling": ("LlamaConfig", {**SMALL, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "mistral": ("MistralConfig", {**SMALL, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", {**SMALL, "tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", {**SMALL, "head_dim": 32, "tie_word_embeddings": True}),
+}  # fmt: skip
+
+
+def build_tiny_model(kind: str, destination: Path, tokenizer_folder: Path) -> Path:
+    """Save a random `kind` model (float32 safetensors) with the given tokenizer into `destination`."""
+    import torch
+    import transformers
+
+    class_name, settings = TINY_CONFIGS[kind]
+    config = getattr(transformers, class_name)(**settings)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim == 1:
+                parameter.copy_(1.0 + 0.3 * torch.randn_like(parameter))
+            else:
+                parameter.normal_(0.0, 0.15)
+    model.save_pretrained(destination)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_folder / name, destination / name)
+    return destination

@@ -12,7 +12,7 @@ chat: $(BIN)/python
 
 # Install everything the tests need and run the whole suite.
 test: $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[llama,test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[llama,torch,test]'
 	$(BIN)/python -m pytest
 
 $(BIN)/python:

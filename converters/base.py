@@ -62,8 +62,11 @@ def atomic_output(destination: Path) -> Iterator[Path]:
         yield temporary
         os.replace(temporary, destination)
     except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise NotEnoughDisk(f"The disk filled up while writing {destination.name}.", "Free some space and run it again.") from None
+        # Disk full, over quota, over the file-size limit; numpy reports the same as a short write without an errno.
+        short_write = error.errno is None and "written" in str(error)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or short_write:
+            raise NotEnoughDisk(f"There was no room to write {destination.name} ({error.strerror or error}); nothing was kept.",
+                                "Free some space (or raise the limit) and run it again.") from None  # fmt: skip
         raise
     finally:
         temporary.unlink(missing_ok=True)

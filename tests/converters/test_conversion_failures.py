@@ -1,0 +1,99 @@
+"""Bad inputs to conversion: one sentence each, and never a half-written model left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from pocketlm.converters.base import ConversionError, ConvertOptions
+from pocketlm.converters.hf_to_gguf import HfToGGUF
+from pocketlm.models.errors import Cancelled, ModelFileError
+from pocketlm.models.progress import ProgressUpdate, ignore_progress
+from tests.app.test_cli import assert_clean_failure, pocketlm
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture
+def checkpoint_copy(starter_checkpoint: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(starter_checkpoint, copy)
+    return copy
+
+
+def convert(folder: Path, output: Path, **options: object) -> Path:
+    return HfToGGUF().convert(folder, output, ConvertOptions(**options), ignore_progress).path  # type: ignore[arg-type]
+
+
+def test_missing_config(checkpoint_copy: Path, tmp_path: Path) -> None:
+    (checkpoint_copy / "config.json").unlink()
+    with pytest.raises(ConversionError, match="has no config.json"):
+        convert(checkpoint_copy, tmp_path / "out" / "model.gguf")
+
+
+def test_unsupported_architecture_names_the_supported_ones(checkpoint_copy: Path, tmp_path: Path) -> None:
+    config = json.loads((checkpoint_copy / "config.json").read_text())
+    (checkpoint_copy / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ConversionError, match="cannot convert GPT2LMHeadModel to GGUF yet") as refused:
+        convert(checkpoint_copy, tmp_path / "model.gguf")
+    assert "LlamaForCausalLM" in refused.value.hint and "Qwen3ForCausalLM" in refused.value.hint
+
+
+def test_a_truncated_safetensors_file_leaves_nothing(checkpoint_copy: Path, tmp_path: Path) -> None:
+    weights = checkpoint_copy / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ModelFileError, match="is truncated"):
+        convert(checkpoint_copy, out / "model.gguf")
+    assert leftovers(out) == []
+
+
+def test_cancel_midway_leaves_nothing(starter_checkpoint: Path, tmp_path: Path) -> None:
+    cancel = threading.Event()
+
+    def stop_halfway(update: ProgressUpdate) -> None:
+        if update.total and update.completed >= update.total // 2:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        HfToGGUF().convert(starter_checkpoint, tmp_path / "model.gguf", ConvertOptions(cancel=cancel), stop_halfway)
+    assert leftovers(tmp_path) == []
+
+
+def test_no_room_to_write_is_one_sentence_and_leaves_nothing(starter_checkpoint: Path, pocket_home: Path) -> None:
+    # A 50 MB file-size limit stands in for a full disk: the write fails the same way, midway (EFBIG, not ENOSPC).
+    script = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (50 * 2**20, 50 * 2**20));"
+        "from pocketlm.app.cli import main; sys.argv = ['pocketlm', 'convert', sys.argv[1]]; main()"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(starter_checkpoint)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "POCKETLM_HOME": str(pocket_home)})  # fmt: skip
+    assert_clean_failure(result, "There was no room to write")
+    models = pocket_home / "models"
+    assert [p for p in models.rglob("*") if p.is_file()] == []
+
+
+def test_cli_convert_quantize_and_lineage(starter_checkpoint: Path, pocket_home: Path) -> None:
+    imported = pocketlm("import", str(starter_checkpoint), "--name", "HuggingFaceTB/SmolLM2-135M-Instruct", home=pocket_home)
+    assert imported.returncode == 0, imported.stderr
+    converted = pocketlm("convert", "HuggingFaceTB/SmolLM2-135M-Instruct", "--outtype", "bf16", home=pocket_home)
+    assert converted.returncode == 0, converted.stderr
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct:BF16 is ready" in converted.stdout
+    quantized = pocketlm("quantize", "SmolLM2-135M-Instruct:BF16", "Q4_0", home=pocket_home)
+    assert quantized.returncode == 0, quantized.stderr
+    info = pocketlm("info", "HuggingFaceTB/SmolLM2-135M-Instruct:Q4_0", home=pocket_home).stdout
+    assert "Quantization    Q4_0" in info
+    assert "Lineage         HuggingFaceTB/SmolLM2-135M-Instruct:Q4_0 ← HuggingFaceTB/SmolLM2-135M-Instruct:BF16 ← HuggingFaceTB/SmolLM2-135M-Instruct" in info
+    assert_clean_failure(pocketlm("quantize", "SmolLM2-135M-Instruct:Q4_0", "Q2_K", home=pocket_home), "is already quantized (Q4_0)")
+    assert_clean_failure(pocketlm("quantize", "SmolLM2-135M-Instruct:BF16", "Q9_X", home=pocket_home), "'Q9_X' is not a quantization pocketlm knows.")

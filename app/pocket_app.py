@@ -10,6 +10,7 @@ from textual.screen import Screen
 from pocketlm.app.history import ConversationStore
 from pocketlm.app.model_loading import default_model_name
 from pocketlm.app.screens.chat import ChatScreen
+from pocketlm.app.screens.convert import ConvertScreen
 from pocketlm.app.screens.models import ModelsScreen
 from pocketlm.backends.base import LoadOptions, SamplingParams
 from pocketlm.models.fit import physical_cores
@@ -44,20 +45,27 @@ class PocketApp(App[None]):
         self.chat_screen = ChatScreen()
         # Installed, not just pushed: leaving the screen must not end a pull running in its worker.
         self.models_screen = ModelsScreen()
+        self.convert_screen = ConvertScreen()
 
     def get_default_screen(self) -> ChatScreen:
         return self.chat_screen
 
     def on_mount(self) -> None:
         self.install_screen(self.models_screen, "models")
+        self.install_screen(self.convert_screen, "convert")
 
     def action_show_models(self) -> None:
         if self.screen is not self.models_screen:
             self.push_screen("models")
 
+    def action_show_convert(self) -> None:
+        if self.screen is not self.convert_screen:
+            self.push_screen("convert")
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Models", "Local models, Hub search and pull, delete (F3)", self.action_show_models)
+        yield SystemCommand("Convert", "Convert a checkpoint to GGUF and quantize it (F4)", self.action_show_convert)
 
     @property
     def initial_model(self) -> str | None:
@@ -66,4 +74,5 @@ class PocketApp(App[None]):
 
     def on_unmount(self) -> None:
         self.models_screen.stop_pull()  # a pull keeps its bytes for next time; quitting must not wait for it
+        self.convert_screen.stop()  # a conversion leaves nothing half-written; quitting must not wait for it
         self.chat_screen.close_model()

@@ -56,13 +56,13 @@ def convert_model(store: ModelStore, source: LocalModel, options: ConvertOptions
     target_name = name or output_name(source.name, label)
     destination = models_dir() / file_name_for(target_name)
     _check_space(source, destination, options)
+    options = ConvertOptions(**{**options.__dict__, "model_name": options.model_name or source.name})
     steps: list[str] = []
     with tempfile.TemporaryDirectory(dir=models_dir(), prefix=".converting-") as work:
         gguf_path = source.path
         if source.format == "safetensors":
             converted = destination if not options.quant else Path(work) / "f16.gguf"
-            named = ConvertOptions(**{**options.__dict__, "model_name": options.model_name or source.name})
-            result = converter_for("safetensors", "gguf").convert(source.path, converted, named, on_progress)
+            result = converter_for("safetensors", "gguf").convert(source.path, converted, options, on_progress)
             gguf_path, steps = result.path, [result.how]
         if options.quant:
             result = converter_for("gguf", "gguf").convert(gguf_path, destination, options, on_progress)

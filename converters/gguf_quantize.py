@@ -82,7 +82,7 @@ class GGUFQuantizer:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = quant.ftype
         params.nthread = options.threads or physical_cores()
-        description = f"Quantizing {source.name} to {quant.name}"
+        description = f"Quantizing {options.model_name or source.name} to {quant.name}"
         on_progress(ProgressUpdate(description, 0, None))
         with atomic_output(destination) as temporary, _progress_from_log(description, on_progress):
             status = llama_cpp.llama_model_quantize(str(source).encode(), str(temporary).encode(), ctypes.byref(params))

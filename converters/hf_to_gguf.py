@@ -52,7 +52,7 @@ class HfToGGUF:
         architecture = _architecture(config)
         arch = getattr(gguf.MODEL_ARCH, architecture.gguf_arch)
         tensors = list(_tensors(source, config, arch))
-        description = f"Converting {source.name} to GGUF {options.outtype}"
+        description = f"Converting {options.model_name or source.name} to GGUF {options.outtype}"
         on_progress(ProgressUpdate(description, 0, len(tensors)))
         with atomic_output(destination) as temporary:
             writer = gguf.GGUFWriter(temporary, gguf.MODEL_ARCH_NAMES[arch])
@@ -176,6 +176,7 @@ def _write_metadata(writer: object, folder: Path, config: Config, outtype: str, 
     vocab_size = int(setting(config, "vocab_size"))  # type: ignore[arg-type]
     # Name, license, base model and the rest of the model card, as llama.cpp's converter reads them.
     metadata = gguf.Metadata.load(None, folder, name.rsplit("/", 1)[-1], parameters)
+    w.add_type(gguf.GGUFType.MODEL)  # type: ignore[attr-defined]
     metadata.set_gguf_meta_model(w)  # type: ignore[arg-type]
     w.add_context_length(int(setting(config, "max_position_embeddings", 2048)))  # type: ignore[attr-defined, arg-type]
     w.add_embedding_length(hidden)  # type: ignore[attr-defined]

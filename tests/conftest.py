@@ -8,8 +8,12 @@ import pytest
 from pocketlm.backends.base import ChatModel, LoadOptions
 from pocketlm.backends.llamacpp import LlamaCppBackend
 from pocketlm.models.starter import STARTER
+from pocketlm.converters.base import ConvertOptions
+from pocketlm.converters.gguf_quantize import GGUFQuantizer
+from pocketlm.converters.hf_to_gguf import HfToGGUF
+from pocketlm.models.progress import ignore_progress
 from pocketlm.models.store import ModelStore
-from tests.fixtures import CACHE_DIR, starter_gguf_path, template_free_copy
+from tests.fixtures import CACHE_DIR, starter_checkpoint_path, starter_gguf_path, template_free_copy
 from tests.hub.repos import fixture_repos
 from tests.hub.server import HubRepo, LoopbackHub
 
@@ -76,3 +80,20 @@ def model_store(pocket_home: Path) -> Iterator[ModelStore]:
     store = ModelStore(database_path())
     yield store
     store.close()
+
+
+@pytest.fixture(scope="session")
+def starter_checkpoint() -> Path:
+    return starter_checkpoint_path()
+
+
+@pytest.fixture(scope="session")
+def converted_f16(starter_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    destination = tmp_path_factory.mktemp("converted") / "SmolLM2-135M-Instruct-F16.gguf"
+    return HfToGGUF().convert(starter_checkpoint, destination, ConvertOptions(outtype="f16"), ignore_progress).path
+
+
+@pytest.fixture(scope="session")
+def quantized_q4_k_m(converted_f16: Path) -> Path:
+    destination = converted_f16.with_name("SmolLM2-135M-Instruct-Q4_K_M.gguf")
+    return GGUFQuantizer().convert(converted_f16, destination, ConvertOptions(quant="Q4_K_M"), ignore_progress).path

@@ -43,6 +43,7 @@ class ChatScreen(Screen[None]):
         Binding("ctrl+o", "open_model", "Model"),
         Binding("ctrl+s", "settings", "Settings"),
         Binding("f3", "app.show_models", "Models"),
+        Binding("f4", "app.show_convert", "Convert"),
     ]
 
     app: PocketApp  # type: ignore[assignment]

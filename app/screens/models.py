@@ -40,6 +40,7 @@ class ModelsScreen(Screen[None]):
         Binding("f8,delete", "delete_model", "Delete"),
         Binding("ctrl+f", "focus_search", "Search Hub"),
         Binding("ctrl+x", "cancel_pull", "Cancel pull"),
+        Binding("f4", "convert_selected", "Convert"),
     ]
 
     app: PocketApp  # type: ignore[assignment]
@@ -190,6 +191,14 @@ class ModelsScreen(Screen[None]):
 
     def action_back(self) -> None:
         self.app.pop_screen()
+
+    def action_convert_selected(self) -> None:
+        """Open the Convert screen with the highlighted local model chosen."""
+        name = self.selected_local_name() if self.query_one(TabbedContent).active == "local" else None
+        self.app.pop_screen()
+        self.app.push_screen("convert")
+        if name:
+            self.app.convert_screen.refresh_sources(select=name)
 
     # Hub search ------------------------------------------------------------------------------------------------
 

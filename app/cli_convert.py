@@ -40,9 +40,9 @@ def _run(store, source, options) -> None:  # type: ignore[no-untyped-def]
 @click.option("--to", "target", type=click.Choice(["gguf"]), default="gguf", show_default=True, help="Target format.")
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True, help="GGUF written from the checkpoint.")
 @click.option("--quant", help=f"Then quantize to this type: {QUANT_HELP}.")
-@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Importance matrix for the quantization.")
+@click.option("--imatrix", metavar="TEXT|builtin|FILE.gguf", help="Importance matrix: computed from a calibration text file (or pocketlm's built-in one), or read from llama-imatrix's output.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for quantizing (default: physical cores).")
-def convert(model: str, target: str, outtype: str, quant: str | None, imatrix: Path | None, threads: int | None) -> None:
+def convert(model: str, target: str, outtype: str, quant: str | None, imatrix: str | None, threads: int | None) -> None:
     """Convert MODEL (a Hugging Face checkpoint in the store, or its folder) to GGUF, and optionally quantize it.
 
     The result is registered with its lineage: `pocketlm info` shows where it came from.
@@ -60,9 +60,9 @@ def convert(model: str, target: str, outtype: str, quant: str | None, imatrix: P
 @click.command()
 @click.argument("model")
 @click.argument("quant", metavar="TYPE")
-@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Importance matrix.")
+@click.option("--imatrix", metavar="TEXT|builtin|FILE.gguf", help="Importance matrix: a calibration text (needs the checkpoint in the store), `builtin`, or llama-imatrix's output.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads (default: physical cores).")
-def quantize(model: str, quant: str, imatrix: Path | None, threads: int | None) -> None:
+def quantize(model: str, quant: str, imatrix: str | None, threads: int | None) -> None:
     """Quantize MODEL (an f16, bf16 or f32 GGUF in the store, or its path) to TYPE.
 
     TYPE is one of Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, IQ4_XS, IQ4_NL, Q4_1, Q4_0, Q3_K_L,

@@ -28,7 +28,8 @@ class ConvertOptions:
 
     outtype: str = "f16"  # the GGUF written from a checkpoint: f32, f16, bf16, q8_0
     quant: str | None = None  # then quantized to this (Q4_K_M, IQ4_XS, ...)
-    imatrix: Path | None = None
+    imatrix: str | None = None  # a calibration text file, "builtin", or a llama-imatrix GGUF file
+    importance_matrix: dict[str, object] | None = field(default=None, compare=False, repr=False)  # computed from `imatrix`
     threads: int | None = None
     model_name: str | None = None  # for the GGUF's general.name (a Hub cache folder is only named by its commit)
     cancel: threading.Event = field(default_factory=threading.Event, compare=False)

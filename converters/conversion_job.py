@@ -43,6 +43,20 @@ def _check_space(source: LocalModel, destination: Path, options: ConvertOptions)
                             "Free some space, or choose a smaller output type.")  # fmt: skip
 
 
+def _importance_matrix(store: ModelStore, source: LocalModel, options: ConvertOptions, on_progress: ProgressCallback) -> dict:  # type: ignore[type-arg]
+    """From a calibration text, run through the checkpoint: the source itself, or the checkpoint a GGUF came from."""
+    from pocketlm.converters.importance_matrix import calibration_text, compute_imatrix
+
+    text = calibration_text(str(options.imatrix))
+    checkpoint = source
+    while checkpoint.format != "safetensors" and checkpoint.parent and (parent := store.get(checkpoint.parent)):
+        checkpoint = parent
+    if checkpoint.format != "safetensors":
+        raise ConversionError(f"An importance matrix is computed on the checkpoint, and {source.name} has none in the store.",
+                              "Convert from the checkpoint with --imatrix, or give a llama-imatrix .gguf file.")  # fmt: skip
+    return compute_imatrix(checkpoint.path, text, on_progress, options.cancel)
+
+
 def convert_model(store: ModelStore, source: LocalModel, options: ConvertOptions, on_progress: ProgressCallback = ignore_progress,
                   name: str | None = None) -> LocalModel:  # fmt: skip
     """Convert `source` to GGUF (a checkpoint) and/or quantize it (a GGUF); register the result as its child."""
@@ -57,6 +71,9 @@ def convert_model(store: ModelStore, source: LocalModel, options: ConvertOptions
     destination = models_dir() / file_name_for(target_name)
     _check_space(source, destination, options)
     options = ConvertOptions(**{**options.__dict__, "model_name": options.model_name or source.name})
+    if options.quant and options.imatrix and not str(options.imatrix).endswith((".gguf", ".dat")):
+        matrix = _importance_matrix(store, source, options, on_progress)
+        options = ConvertOptions(**{**options.__dict__, "importance_matrix": matrix})
     steps: list[str] = []
     with tempfile.TemporaryDirectory(dir=models_dir(), prefix=".converting-") as work:
         gguf_path = source.path

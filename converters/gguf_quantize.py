@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -76,21 +77,40 @@ class GGUFQuantizer:
                 f"{source.name} is already quantized ({summary.quantization}); quantizing it again would compound the loss.",
                 "Quantize from the f16, bf16 or f32 GGUF (`pocketlm convert MODEL --to gguf` makes one from a checkpoint).",
             )
-        if options.imatrix is not None:
-            raise ConversionError("Importance matrices are not supported yet.", "Quantize without --imatrix.")
+        matrix = options.importance_matrix
+        if matrix is None and options.imatrix is not None:
+            from pocketlm.converters.importance_matrix import read_imatrix_file
+
+            if not str(options.imatrix).endswith((".gguf", ".dat")):
+                raise ConversionError("A calibration text needs the checkpoint to compute the importance matrix from.",
+                                      "Quantize through `pocketlm convert CHECKPOINT --quant ... --imatrix TEXT`, or give a llama-imatrix .gguf file.")  # fmt: skip
+            matrix = read_imatrix_file(Path(options.imatrix))
         check_cancel(options)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = quant.ftype
         params.nthread = options.threads or physical_cores()
         description = f"Quantizing {options.model_name or source.name} to {quant.name}"
         on_progress(ProgressUpdate(description, 0, None))
-        with atomic_output(destination) as temporary, _progress_from_log(description, on_progress):
+        with atomic_output(destination) as temporary, _importance(matrix) as importance, _progress_from_log(description, on_progress):
+            if importance is not None:
+                params.imatrix = importance
             status = llama_cpp.llama_model_quantize(str(source).encode(), str(temporary).encode(), ctypes.byref(params))
             if status != 0:
                 raise ConversionError(f"llama.cpp could not quantize {source.name} to {quant.name} (status {status}).",
                                       "Check that the input is an f32, f16 or bf16 GGUF that llama.cpp loads.")  # fmt: skip
             read_gguf(temporary)  # the output must be a whole, loadable file before it replaces anything
-        return ConversionResult(destination, f"quantize {quant.name}")
+        return ConversionResult(destination, f"quantize {quant.name}" + (" (imatrix)" if matrix else ""))
+
+
+@contextmanager
+def _importance(matrix: dict | None):  # type: ignore[no-untyped-def, type-arg]
+    if not matrix:
+        yield None
+        return
+    from pocketlm.converters.importance_matrix import as_quantize_parameter
+
+    with as_quantize_parameter(matrix) as entries:  # type: ignore[arg-type]
+        yield entries
 
 
 _log_lock = threading.Lock()

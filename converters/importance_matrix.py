@@ -1,0 +1,159 @@
+"""Importance matrices: how strongly each input column of each weight matrix is used on real text, so the quantizer
+spends its precision where it matters (what llama.cpp's `llama-imatrix` computes, here from the checkpoint).
+
+For every linear layer, the importance of input column j is the mean over calibration tokens of x_j², measured with
+transformers forward hooks; entries are named by the GGUF tensor they weigh (`blk.0.attn_q.weight`), which is how
+llama.cpp's quantizer looks them up. llama-imatrix's own GGUF output files are read too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from pocketlm.converters.base import ConversionError
+from pocketlm.models.errors import Cancelled
+from pocketlm.models.progress import ProgressCallback, ProgressUpdate, ignore_progress
+
+BUILTIN = "builtin"
+_CHUNK_TOKENS = 512
+_MAX_CHUNKS = 64
+
+# A short general-purpose calibration text: prose, dialogue, code, numbers and lists, as imatrix datasets mix them.
+BUILTIN_CALIBRATION_TEXT = """\
+The old lighthouse stood at the edge of the cliff, its white paint peeling in long strips. Every evening the keeper
+climbed the hundred and twelve steps to light the lamp, and every morning he wrote the weather in a leather book.
+"Will the storm reach us tonight?" asked the girl from the village. "It always does," he said, "but it never stays."
+In mathematics, a prime number is a natural number greater than 1 that has no divisors other than 1 and itself.
+The first primes are 2, 3, 5, 7, 11, 13, 17, 19, 23 and 29; there are infinitely many of them, as Euclid showed.
+def is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    return all(n % d for d in range(2, int(n ** 0.5) + 1))
+To make bread, mix 500 g of flour, 350 ml of warm water, 10 g of salt and 7 g of dried yeast. Knead for ten minutes,
+let the dough rise for an hour, shape it, let it rise again, then bake at 230 °C for 35 minutes.
+Photosynthesis converts light energy into chemical energy: plants take in carbon dioxide and water and, using
+sunlight, produce glucose and oxygen. Most of the oxygen in the atmosphere comes from this process.
+Q: What is the capital of France? A: Paris. Q: Which ocean is the largest? A: The Pacific Ocean.
+- Check the oil level before a long drive.
+- Keep the tyres at the pressure the manual gives.
+- Replace the wiper blades once a year.
+SELECT name, COUNT(*) AS orders FROM customers JOIN orders USING (customer_id) GROUP BY name ORDER BY orders DESC;
+The committee met on 14 March 2024 and approved the budget of €2.5 million by a vote of nine to two.
+Les enfants jouaient dans le parc pendant que leurs parents discutaient sur un banc. Der Zug kommt um acht Uhr an.
+"""
+
+
+def calibration_text(source: str) -> str:
+    if source == BUILTIN:
+        return BUILTIN_CALIBRATION_TEXT
+    path = Path(source).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConversionError(f"Cannot read the calibration text {path} ({error}).", "Give a UTF-8 text file, or `builtin`.") from None
+    if len(text.split()) < 50:
+        raise ConversionError(f"The calibration text {path} is too short ({len(text.split())} words).", "Give at least a few paragraphs.")
+    return text
+
+
+def compute_imatrix(checkpoint: Path, text: str, on_progress: ProgressCallback = ignore_progress,
+                    cancel: threading.Event | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+    """Mean squared input activation per column of every linear layer of `checkpoint`, named by GGUF tensor."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise ConversionError("Computing an importance matrix needs PyTorch and transformers.", "Install them: pip install 'pocketlm[torch]'.") from None
+    import gguf
+
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    from pocketlm.converters.gguf_architectures import ARCHITECTURES, setting
+
+    architecture = next((ARCHITECTURES[n] for n in config.get("architectures", []) if n in ARCHITECTURES), None)
+    if architecture is None:
+        raise ConversionError(f"No importance matrix for {config.get('architectures')}: the architecture is not supported.")
+    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, architecture.gguf_arch), int(setting(config, "num_hidden_layers")))  # type: ignore[arg-type]
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # pocketlm shows its own progress
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(gguf_name: str):  # type: ignore[no-untyped-def]
+        def record(module: object, inputs: tuple[torch.Tensor, ...]) -> None:
+            activations = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float64)
+            sums[gguf_name] = sums.get(gguf_name, 0) + (activations**2).sum(dim=0)  # type: ignore[operator]
+            counts[gguf_name] = counts.get(gguf_name, 0) + activations.shape[0]
+
+        return record
+
+    handles = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            gguf_name = name_map.get_name(module_name + ".weight", try_suffixes=(".weight",))
+            if gguf_name is not None:
+                handles.append(module.register_forward_pre_hook(hook_for(gguf_name)))
+    token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    chunks = [token_ids[i : i + _CHUNK_TOKENS] for i in range(0, len(token_ids), _CHUNK_TOKENS)][:_MAX_CHUNKS]
+    description = "Computing the importance matrix"
+    try:
+        with torch.no_grad():
+            for done, chunk in enumerate(chunks, start=1):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("Cancelled while computing the importance matrix; nothing was written.")
+                model(torch.tensor([chunk]))
+                on_progress(ProgressUpdate(description, done, len(chunks)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (sums[name] / counts[name]).to(torch.float32).numpy() for name in sums}
+
+
+def read_imatrix_file(path: Path) -> dict[str, np.ndarray]:
+    """An importance matrix written by llama.cpp's `llama-imatrix` (GGUF format: `<tensor>.in_sum2` and `.counts`)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{path} is not an importance matrix llama-imatrix wrote ({error}).",
+                              "Give a GGUF imatrix file, a calibration text (.txt), or `builtin`.") from None  # fmt: skip
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    matrix = {}
+    for name, sums in tensors.items():
+        if name.endswith(".in_sum2"):
+            base = name.removesuffix(".in_sum2")
+            count = tensors.get(base + ".counts")
+            total = float(count.reshape(-1)[0]) if count is not None and count.size else 1.0
+            matrix[base] = (sums.reshape(-1) / max(total, 1.0)).astype(np.float32)
+    if not matrix:
+        raise ConversionError(f"{path} holds no importance data (no *.in_sum2 tensors).", "Give a file llama-imatrix wrote.")
+    return matrix
+
+
+@contextmanager
+def as_quantize_parameter(matrix: dict[str, np.ndarray]) -> Iterator[ctypes.Array]:  # type: ignore[type-arg]
+    """The matrix as llama.cpp's `llama_model_imatrix_data` array (ended by a null name), alive for the block."""
+    import llama_cpp
+
+    arrays = {name: np.ascontiguousarray(values, dtype=np.float32) for name, values in matrix.items()}
+    entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()
+    for index, (name, values) in enumerate(arrays.items()):
+        entries[index].name = name.encode()  # ctypes keeps the bytes alive with the array
+        entries[index].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[index].size = values.size
+    entries[len(arrays)].name = None
+    try:
+        yield entries
+    finally:
+        del arrays  # the float data lives exactly as long as the call that reads it

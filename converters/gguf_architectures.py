@@ -29,6 +29,8 @@ def setting(config: Config, key: str, default: object = None) -> object:
 def rope_settings(config: Config) -> dict[str, object]:
     """RoPE settings from either layout: transformers <5 (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`)."""
     parameters = setting(config, "rope_parameters")
+    if isinstance(parameters, dict) and isinstance(parameters.get("full_attention"), dict):
+        parameters = parameters["full_attention"]  # per layer type (Gemma 3): the global layers' settings lead
     merged: dict[str, object] = dict(parameters) if isinstance(parameters, dict) else {}
     scaling = setting(config, "rope_scaling")
     if isinstance(scaling, dict):
@@ -82,11 +84,57 @@ def keep(name: str, data: np.ndarray, config: Config) -> np.ndarray:
     return data
 
 
+def gemma_norms(name: str, data: np.ndarray, config: Config) -> np.ndarray:
+    """Gemma's RMSNorm multiplies by (1 + weight); llama.cpp's by weight, so the 1 moves into the stored weights."""
+    return data + 1.0 if name.endswith("norm.weight") else data
+
+
+def no_metadata(writer: object, config: Config) -> None:
+    pass
+
+
+def gemma2_metadata(writer: object, config: Config) -> None:
+    w = writer
+    if (softcap := setting(config, "attn_logit_softcapping")) is not None:
+        w.add_attn_logit_softcapping(float(softcap))  # type: ignore[attr-defined, arg-type]
+    if (softcap := setting(config, "final_logit_softcapping")) is not None:
+        w.add_final_logit_softcapping(float(softcap))  # type: ignore[attr-defined, arg-type]
+    if (window := setting(config, "sliding_window")) is not None:
+        w.add_sliding_window(int(window))  # type: ignore[attr-defined, arg-type]
+
+
+def gemma3_metadata(writer: object, config: Config) -> None:
+    """Gemma 3 alternates sliding-window layers (their own RoPE base) with global ones."""
+    w = writer
+    parameters = setting(config, "rope_parameters")
+    local = parameters.get("sliding_attention") if isinstance(parameters, dict) else None
+    local_base = (local or {}).get("rope_theta") if isinstance(local, dict) else setting(config, "rope_local_base_freq")
+    if local_base is not None:
+        w.add_rope_freq_base_swa(float(local_base))  # type: ignore[attr-defined]
+    if (window := setting(config, "sliding_window")) is not None:
+        w.add_sliding_window(int(window))  # type: ignore[attr-defined, arg-type]
+    layer_types = setting(config, "layer_types")
+    if isinstance(layer_types, list):
+        w.add_sliding_window_pattern([kind == "sliding_attention" for kind in layer_types])  # type: ignore[attr-defined]
+    elif (pattern := setting(config, "sliding_window_pattern")) is not None:
+        w.add_sliding_window_pattern(int(pattern))  # type: ignore[attr-defined, arg-type]
+    if (softcap := setting(config, "final_logit_softcapping")) is not None:
+        w.add_final_logit_softcapping(float(softcap))  # type: ignore[attr-defined, arg-type]
+
+
+def phi3_metadata(writer: object, config: Config) -> None:
+    original = setting(config, "original_max_position_embeddings")
+    if original is not None:
+        writer.add_rope_scaling_orig_ctx_len(int(original))  # type: ignore[attr-defined, arg-type]
+    writer.add_sliding_window(int(setting(config, "sliding_window") or 0))  # type: ignore[attr-defined, arg-type]
+
+
 @dataclass(frozen=True)
 class Architecture:
     gguf_arch: str  # a gguf.MODEL_ARCH member name
     transform: TensorTransform = keep
-    writes_rope_dimension: bool = True
+    metadata: Callable[[object, Config], None] = no_metadata  # keys beyond the shared ones
+    drops_output: bool = False  # the output projection is always the token embedding (Gemma)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -94,6 +142,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "MistralForCausalLM": Architecture("LLAMA", undo_rotary_permutation),
     "Qwen2ForCausalLM": Architecture("QWEN2"),
     "Qwen3ForCausalLM": Architecture("QWEN3"),
+    "Gemma2ForCausalLM": Architecture("GEMMA2", gemma_norms, gemma2_metadata, drops_output=True),
+    "Gemma3ForCausalLM": Architecture("GEMMA3", gemma_norms, gemma3_metadata, drops_output=True),  # text-only (1B; 4B+ text part)
+    # Fused qkv_proj and gate_up_proj are kept fused: llama.cpp's Phi-3 graph splits them itself.
+    "Phi3ForCausalLM": Architecture("PHI3", metadata=phi3_metadata),
 }
 
 

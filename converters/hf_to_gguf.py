@@ -51,13 +51,14 @@ class HfToGGUF:
         config = _read_config(source)
         architecture = _architecture(config)
         arch = getattr(gguf.MODEL_ARCH, architecture.gguf_arch)
-        tensors = list(_tensors(source, config, arch))
+        tensors = list(_tensors(source, config, arch, architecture))
         description = f"Converting {options.model_name or source.name} to GGUF {options.outtype}"
         on_progress(ProgressUpdate(description, 0, len(tensors)))
         with atomic_output(destination) as temporary:
             writer = gguf.GGUFWriter(temporary, gguf.MODEL_ARCH_NAMES[arch])
             parameters = sum(int(np.prod(t.shape)) for t in tensors)
             _write_metadata(writer, source, config, options.outtype, options.model_name or source.name, parameters)
+            architecture.metadata(writer, config)
             extra = _extra_tensors(config)
             planned = [(t, _output_type(t.gguf_name, t.shape, options.outtype)) for t in tensors]
             for tensor, qtype in planned:
@@ -100,7 +101,7 @@ def _architecture(config: Config) -> Architecture:
     raise ConversionError(f"pocketlm cannot convert {shown} to GGUF yet.", f"Supported: {supported_names()}.")
 
 
-def _tensors(folder: Path, config: Config, arch: object) -> Iterator[_Tensor]:
+def _tensors(folder: Path, config: Config, arch: object, architecture: Architecture) -> Iterator[_Tensor]:
     import gguf
 
     names = sorted(p.name for p in folder.iterdir())
@@ -109,7 +110,7 @@ def _tensors(folder: Path, config: Config, arch: object) -> Iterator[_Tensor]:
         raise ConversionError(f"{folder} has no *.safetensors weights.", "Pull or copy the weight files too.")
     layers = int(setting(config, "num_hidden_layers"))  # type: ignore[arg-type]
     name_map = gguf.get_tensor_name_map(arch, layers)  # type: ignore[arg-type]
-    tied = bool(setting(config, "tie_word_embeddings", False))
+    tied = bool(setting(config, "tie_word_embeddings", False)) or architecture.drops_output
     for file_name in weights:
         path = folder / file_name
         header = read_safetensors_header(path)  # refuses a truncated file before anything is written

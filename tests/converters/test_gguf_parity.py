@@ -38,9 +38,17 @@ def transformers_logits(folder: Path, token_ids: list[int]) -> np.ndarray:
         return model(torch.tensor([token_ids])).logits[0].numpy()
 
 
+# ggml's CPU GELU reads a float16 lookup table (GGML_GELU_FP16) instead of computing tanh: about 1e-3 relative
+# error per activation, which Gemma's GELU MLPs carry into the logits (measured 5.4e-4 here). The SiLU models keep
+# the strict bound.
+F32_BOUND = {"gemma2": 2e-3, "gemma3": 2e-3}
+
+
 @pytest.mark.parametrize("kind", list(TINY_CONFIGS))
 def test_logits_match_transformers(kind: str, starter_checkpoint: Path, tmp_path: Path) -> None:
-    checkpoint = build_tiny_model(kind, tmp_path / kind, starter_checkpoint)
+    # Not named after the architecture: llama.cpp gives a model whose general.name says "phi3" Phi-3's own special
+    # tokens, which SmolLM2's vocabulary (used by every tiny model here) does not have.
+    checkpoint = build_tiny_model(kind, tmp_path / "checkpoint", starter_checkpoint)
     expected = transformers_logits(checkpoint, TOKEN_IDS)
     scale = np.abs(expected).max()
 
@@ -49,7 +57,7 @@ def test_logits_match_transformers(kind: str, starter_checkpoint: Path, tmp_path
     # the largest logit); 1e-4 leaves room for other CPUs' SIMD paths while any misplaced weight moves logits by
     # far more (a wrong q/k permutation, a missed norm or bias: 1e-1 and up).
     f32_error = np.abs(llama_cpp_logits(f32, TOKEN_IDS) - expected).max() / scale
-    assert f32_error < 1e-4, f"{kind} f32: largest logit error {f32_error:.2e} of the largest logit"
+    assert f32_error < F32_BOUND.get(kind, 1e-4), f"{kind} f32: largest logit error {f32_error:.2e} of the largest logit"
 
     f16 = HfToGGUF().convert(checkpoint, tmp_path / "f16.gguf", ConvertOptions(outtype="f16"), ignore_progress).path
     # f16 weights carry an 11-bit mantissa (relative rounding up to 4.9e-4 per weight); through two layers it came to

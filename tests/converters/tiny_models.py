@@ -21,6 +21,15 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, object]]] = {
     "mistral": ("MistralConfig", {**SMALL, "sliding_window": None}),
     "qwen2": ("Qwen2Config", {**SMALL, "tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {**SMALL, "head_dim": 32, "tie_word_embeddings": True}),
+    # llama.cpp scales Gemma 2's attention by 1/sqrt(head_dim), so query_pre_attn_scalar is head_dim here, as in the
+    # 2B and 9B models; the windows and soft-capping are the real models' settings.
+    "gemma2": ("Gemma2Config", {**SMALL, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 4096,
+                                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh"}),
+    "gemma3": ("Gemma3TextConfig", {**SMALL, "head_dim": 32, "query_pre_attn_scalar": 32, "sliding_window": 4096,
+                                    "layer_types": ["sliding_attention", "full_attention"], "hidden_activation": "gelu_pytorch_tanh",
+                                    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                        "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}),
+    "phi3": ("Phi3Config", {**SMALL, "tie_word_embeddings": False, "pad_token_id": 0, "sliding_window": None}),
 }  # fmt: skip
 
 

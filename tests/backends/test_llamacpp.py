@@ -149,4 +149,4 @@ def test_repeat_penalty_changes_a_repetitive_greedy_reply(starter_model: ChatMod
     question = [ChatMessage("user", "Repeat the word 'cat' twenty times.")]
     plain, _ = collect(list(starter_model.stream_chat(question, SamplingParams(temperature=0, max_tokens=40))))
     penalised, _ = collect(list(starter_model.stream_chat(question, SamplingParams(temperature=0, max_tokens=40, repeat_penalty=1.5))))
-    assert plain.lower().count("cat") > penalised.lower().count("cat")
+    assert plain.lower().count("cat") > penalised.lower().count("cat"), (plain, penalised)

@@ -38,7 +38,8 @@ def _run(store, source, options) -> None:  # type: ignore[no-untyped-def]
 @click.command()
 @click.argument("model")
 @click.option("--to", "target", type=click.Choice(["gguf"]), default="gguf", show_default=True, help="Target format.")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True, help="GGUF written from the checkpoint.")
+@click.option("--outtype", type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0"]), default="auto", show_default=True,
+              help="GGUF written from the checkpoint; auto is bf16 for a bf16 checkpoint, else f16.")
 @click.option("--quant", help=f"Then quantize to this type: {QUANT_HELP}.")
 @click.option("--imatrix", metavar="TEXT|builtin|FILE.gguf", help="Importance matrix: computed from a calibration text file (or pocketlm's built-in one), or read from llama-imatrix's output.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for quantizing (default: physical cores).")

@@ -26,7 +26,7 @@ class ConversionError(PocketError):
 class ConvertOptions:
     """What the user asked for. A converter ignores what does not apply to it."""
 
-    outtype: str = "f16"  # the GGUF written from a checkpoint: f32, f16, bf16, q8_0
+    outtype: str = "auto"  # the GGUF written from a checkpoint: f32, f16, bf16, q8_0; auto: bf16 for bf16 weights, else f16
     quant: str | None = None  # then quantized to this (Q4_K_M, IQ4_XS, ...)
     imatrix: str | None = None  # a calibration text file, "builtin", or a llama-imatrix GGUF file
     importance_matrix: dict[str, object] | None = field(default=None, compare=False, repr=False)  # computed from `imatrix`

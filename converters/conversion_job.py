@@ -37,6 +37,8 @@ def _check_space(source: LocalModel, destination: Path, options: ConvertOptions)
         from pocketlm.converters.gguf_quantize import expected_size, quant_type
 
         needed += expected_size(parameters, quant_type(options.quant))
+    # llama.cpp keeps embeddings and some layers at higher types than the quant's average: room for that, plus slack.
+    needed = int(needed * 1.15) + 16 * 2**20
     free = shutil.disk_usage(destination.parent).free
     if needed > free:
         raise NotEnoughDisk(f"Converting {source.name} needs about {gib(needed)} on {destination.parent}, but only {gib(free)} is free.",
@@ -66,12 +68,15 @@ def convert_model(store: ModelStore, source: LocalModel, options: ConvertOptions
         raise ConversionError(f"{source.name} is already a GGUF file.", "Pass a quantization (e.g. --quant Q4_K_M) to make a smaller one.")
     if options.quant and options.outtype == "q8_0":
         raise ConversionError("Quantizing starts from an f16, bf16 or f32 GGUF, not q8_0.", "Drop --outtype q8_0, or drop --quant.")
+    if options.outtype == "auto":  # bf16 for a bf16 checkpoint (f16 could overflow its large values), else f16
+        options = ConvertOptions(**{**options.__dict__, "outtype": "bf16" if source.quantization == "BF16" else "f16"})
     label = options.quant.upper() if options.quant else options.outtype.upper()
     target_name = name or output_name(source.name, label)
     destination = models_dir() / file_name_for(target_name)
+    _refuse_collisions(store, target_name, destination)
     _check_space(source, destination, options)
     options = ConvertOptions(**{**options.__dict__, "model_name": options.model_name or source.name})
-    if options.quant and options.imatrix and not str(options.imatrix).endswith((".gguf", ".dat")):
+    if options.quant and options.imatrix and not str(options.imatrix).endswith(".gguf"):
         matrix = _importance_matrix(store, source, options, on_progress)
         options = ConvertOptions(**{**options.__dict__, "importance_matrix": matrix})
     steps: list[str] = []
@@ -84,4 +89,18 @@ def convert_model(store: ModelStore, source: LocalModel, options: ConvertOptions
         if options.quant:
             result = converter_for("gguf", "gguf").convert(gguf_path, destination, options, on_progress)
             steps.append(result.how)
-    return store.register(destination, source="convert", name=target_name, parent=source.name, lineage=", ".join(steps), owned=True)
+    try:
+        return store.register(destination, source="convert", name=target_name, parent=source.name, lineage=", ".join(steps), owned=True)
+    except BaseException:
+        destination.unlink(missing_ok=True)  # a model file no entry points at would be lost on disk
+        raise
+
+
+def _refuse_collisions(store: ModelStore, name: str, destination: Path) -> None:
+    """Converting again to the same name replaces that conversion; anything else of that name or file is kept."""
+    existing = store.get(name)
+    if existing is not None and existing.path != destination:
+        raise ConversionError(f"There is already a model named {name!r} ({existing.source}).", "Remove it first (`pocketlm rm`), or convert under another name.")
+    for model in store.list():
+        if model.path == destination and model.name != name:
+            raise ConversionError(f"{destination.name} already belongs to {model.name}.", "Remove that model first, or convert under another name.")

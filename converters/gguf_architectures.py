@@ -70,13 +70,17 @@ def llama3_rope_factors(config: Config) -> np.ndarray:
 def undo_rotary_permutation(name: str, data: np.ndarray, config: Config) -> np.ndarray:
     """Llama-family q/k projections: Hugging Face splits each head's rotary pairs into halves; llama.cpp wants them
     interleaved, as in Meta's original weights. Each head's rows go from [x0..x(d/2-1), y0..] back to [x0, y0, x1, ...]."""
-    if name.endswith("self_attn.q_proj.weight"):
+    if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
         heads = int(setting(config, "num_attention_heads"))  # type: ignore[arg-type]
-    elif name.endswith("self_attn.k_proj.weight"):
+    elif name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
         heads = int(setting(config, "num_key_value_heads") or setting(config, "num_attention_heads"))  # type: ignore[arg-type]
     else:
         return data
     rows = data.shape[0]
+    if rows % (2 * heads):
+        from pocketlm.converters.base import ConversionError
+
+        raise ConversionError(f"{name} has {rows} rows, which {heads} heads cannot split; config.json's head counts do not match the weights.")
     return data.reshape(heads, 2, rows // heads // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
 
 

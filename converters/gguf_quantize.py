@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from pocketlm.converters.base import ConversionError, ConversionResult, ConvertOptions, atomic_output, check_cancel
+from pocketlm.models.errors import NotEnoughDisk
 from pocketlm.models.fit import physical_cores
 from pocketlm.models.gguf_info import read_gguf
 from pocketlm.models.progress import ProgressCallback, ProgressUpdate
@@ -81,7 +82,7 @@ class GGUFQuantizer:
         if matrix is None and options.imatrix is not None:
             from pocketlm.converters.importance_matrix import read_imatrix_file
 
-            if not str(options.imatrix).endswith((".gguf", ".dat")):
+            if not str(options.imatrix).endswith(".gguf"):
                 raise ConversionError("A calibration text needs the checkpoint to compute the importance matrix from.",
                                       "Quantize through `pocketlm convert CHECKPOINT --quant ... --imatrix TEXT`, or give a llama-imatrix .gguf file.")  # fmt: skip
             matrix = read_imatrix_file(Path(options.imatrix))
@@ -91,12 +92,17 @@ class GGUFQuantizer:
         params.nthread = options.threads or physical_cores()
         description = f"Quantizing {options.model_name or source.name} to {quant.name}"
         on_progress(ProgressUpdate(description, 0, None))
-        with atomic_output(destination) as temporary, _importance(matrix) as importance, _progress_from_log(description, on_progress):
+        with atomic_output(destination) as temporary, _importance(matrix) as importance, _progress_from_log(description, on_progress) as log:
             if importance is not None:
                 params.imatrix = importance
             status = llama_cpp.llama_model_quantize(str(source).encode(), str(temporary).encode(), ctypes.byref(params))
+            # llama.cpp's quantizer cannot be interrupted; a cancel during it discards the result as it ends.
+            check_cancel(options)
             if status != 0:
-                raise ConversionError(f"llama.cpp could not quantize {source.name} to {quant.name} (status {status}).",
+                reason = log.problems[-1] if log.problems else f"status {status}"
+                if "space" in reason.lower():
+                    raise NotEnoughDisk(f"The disk filled up while quantizing to {quant.name}; nothing was kept.", "Free some space and run it again.")
+                raise ConversionError(f"llama.cpp could not quantize {source.name} to {quant.name}: {reason}.",
                                       "Check that the input is an f32, f16 or bf16 GGUF that llama.cpp loads.")  # fmt: skip
             read_gguf(temporary)  # the output must be a whole, loadable file before it replaces anything
         return ConversionResult(destination, f"quantize {quant.name}" + (" (imatrix)" if matrix else ""))
@@ -122,19 +128,28 @@ class _progress_from_log:
 
     def __init__(self, description: str, on_progress: ProgressCallback) -> None:
         self.description, self.on_progress = description, on_progress
+        self.problems: list[str] = []  # llama.cpp's warnings and errors, for the sentence if it fails
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> _progress_from_log:
         import llama_cpp
-
-        _log_lock.acquire()
 
         @llama_cpp.llama_log_callback
         def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            if text and (match := _PROGRESS_LINE.search(text)):
+            if not text:
+                return
+            if match := _PROGRESS_LINE.search(text):
                 self.on_progress(ProgressUpdate(self.description, int(match[1]), int(match[2])))
+            elif level in (2, 3) and (line := text.decode("utf-8", "replace").strip()):  # GGML_LOG_LEVEL_WARN, _ERROR
+                self.problems.append(line)
 
         self._callback = on_log  # keep a reference: llama.cpp holds only the pointer
-        llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+        _log_lock.acquire()
+        try:
+            llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+        except BaseException:
+            _log_lock.release()
+            raise
+        return self
 
     def __exit__(self, *exc: object) -> None:
         import llama_cpp

@@ -49,6 +49,11 @@ _KNOWN_PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
     steps = tuple(_describe(step) for step in _steps(tokenizer_json.get("pre_tokenizer")))
+    normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
+    prefix_space = any(step.get("type") == "ByteLevel" and step.get("add_prefix_space") for step in _steps(tokenizer_json.get("pre_tokenizer")))
+    if normalizer not in (None, "NFC") or prefix_space:
+        # llama.cpp's byte-level pre-tokenizers neither normalize (beyond NFC) nor add a leading space.
+        steps += (f"normalizer {normalizer}",) if normalizer not in (None, "NFC") else ("add_prefix_space",)
     try:
         return _KNOWN_PRE_TOKENIZERS[steps]
     except KeyError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -22,7 +23,7 @@ from pocketlm.models.formats import checkpoint_weight_files
 from pocketlm.models.progress import ProgressCallback, ProgressUpdate
 from pocketlm.models.safetensors_header import read_safetensors_header
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # auto: bf16 for a bf16 checkpoint (f16 could overflow), else f16
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_BF16
 _SKIPPED = (".rotary_emb.inv_freq",)
 
@@ -52,10 +53,11 @@ class HfToGGUF:
         architecture = _architecture(config)
         arch = getattr(gguf.MODEL_ARCH, architecture.gguf_arch)
         tensors = list(_tensors(source, config, arch, architecture))
+        outtype = resolve_outtype(options.outtype, [t.dtype for t in tensors if len(t.shape) >= 2])
+        options = ConvertOptions(**{**options.__dict__, "outtype": outtype})
         description = f"Converting {options.model_name or source.name} to GGUF {options.outtype}"
         on_progress(ProgressUpdate(description, 0, len(tensors)))
-        with atomic_output(destination) as temporary:
-            writer = gguf.GGUFWriter(temporary, gguf.MODEL_ARCH_NAMES[arch])
+        with atomic_output(destination) as temporary, _closing(gguf.GGUFWriter(temporary, gguf.MODEL_ARCH_NAMES[arch])) as writer:
             parameters = sum(int(np.prod(t.shape)) for t in tensors)
             _write_metadata(writer, source, config, options.outtype, options.model_name or source.name, parameters)
             architecture.metadata(writer, config)
@@ -75,8 +77,28 @@ class HfToGGUF:
                 on_progress(ProgressUpdate(description, done, len(tensors)))
             for _, data in extra:
                 writer.write_tensor_data(data)
-            writer.close()
         return ConversionResult(destination, f"convert {options.outtype}")
+
+
+def resolve_outtype(outtype: str, matrix_dtypes: list[str]) -> str:
+    if outtype != "auto":
+        return outtype
+    return "bf16" if matrix_dtypes and matrix_dtypes[0] == "BF16" else "f16"
+
+
+@contextmanager
+def _closing(writer: object) -> Iterator[object]:
+    try:
+        yield writer
+    finally:
+        writer.close()  # type: ignore[attr-defined]  # on failure too: the temporary file must be closed to go
+
+
+def _required(config: Config, key: str) -> int:
+    value = setting(config, key)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConversionError(f"config.json has no usable {key!r}, which the conversion needs.", "Check that the checkpoint is complete.")
+    return int(value)
 
 
 def _read_config(folder: Path) -> Config:
@@ -94,6 +116,7 @@ def _read_config(folder: Path) -> Config:
 
 def _architecture(config: Config) -> Architecture:
     names = config.get("architectures") or []
+    names = [names] if isinstance(names, str) else names
     for name in names if isinstance(names, list) else []:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
@@ -108,7 +131,7 @@ def _tensors(folder: Path, config: Config, arch: object, architecture: Architect
     weights = checkpoint_weight_files(names)
     if not weights:
         raise ConversionError(f"{folder} has no *.safetensors weights.", "Pull or copy the weight files too.")
-    layers = int(setting(config, "num_hidden_layers"))  # type: ignore[arg-type]
+    layers = _required(config, "num_hidden_layers")
     name_map = gguf.get_tensor_name_map(arch, layers)  # type: ignore[arg-type]
     tied = bool(setting(config, "tie_word_embeddings", False)) or architecture.drops_output
     for file_name in weights:
@@ -119,6 +142,9 @@ def _tensors(folder: Path, config: Config, arch: object, architecture: Architect
             if source_name.endswith(_SKIPPED) or (tied and source_name == "lm_head.weight"):
                 continue
             gguf_name = name_map.get_name(source_name, try_suffixes=(".weight", ".bias"))
+            if local.dtype not in ("F32", "F16", "BF16"):
+                raise ConversionError(f"{path.name} stores {source_name} as {local.dtype}; only F32, F16 and BF16 checkpoints convert.",
+                                      "An already-quantized checkpoint (GPTQ, FP8, ...) cannot become a GGUF here.")  # fmt: skip
             if gguf_name is None:
                 raise ConversionError(f"{path.name} holds a tensor pocketlm does not know how to place: {source_name}.",
                                       "This checkpoint has parts its architecture's converter does not expect.")  # fmt: skip
@@ -173,22 +199,23 @@ def _write_metadata(writer: object, folder: Path, config: Config, outtype: str, 
     import gguf
 
     w = writer  # a gguf.GGUFWriter
-    hidden, heads = int(setting(config, "hidden_size")), int(setting(config, "num_attention_heads"))  # type: ignore[arg-type]
-    vocab_size = int(setting(config, "vocab_size"))  # type: ignore[arg-type]
+    hidden, heads = _required(config, "hidden_size"), _required(config, "num_attention_heads")
+    vocab_size = _required(config, "vocab_size")
     # Name, license, base model and the rest of the model card, as llama.cpp's converter reads them.
     metadata = gguf.Metadata.load(None, folder, name.rsplit("/", 1)[-1], parameters)
     w.add_type(gguf.GGUFType.MODEL)  # type: ignore[attr-defined]
     metadata.set_gguf_meta_model(w)  # type: ignore[arg-type]
     w.add_context_length(int(setting(config, "max_position_embeddings", 2048)))  # type: ignore[attr-defined, arg-type]
     w.add_embedding_length(hidden)  # type: ignore[attr-defined]
-    w.add_feed_forward_length(int(setting(config, "intermediate_size")))  # type: ignore[attr-defined, arg-type]
-    w.add_block_count(int(setting(config, "num_hidden_layers")))  # type: ignore[attr-defined, arg-type]
+    w.add_feed_forward_length(_required(config, "intermediate_size"))  # type: ignore[attr-defined]
+    w.add_block_count(_required(config, "num_hidden_layers"))  # type: ignore[attr-defined]
     w.add_head_count(heads)  # type: ignore[attr-defined]
     w.add_head_count_kv(int(setting(config, "num_key_value_heads") or heads))  # type: ignore[attr-defined, arg-type]
     w.add_layer_norm_rms_eps(float(setting(config, "rms_norm_eps", 1e-6)))  # type: ignore[attr-defined, arg-type]
     w.add_vocab_size(vocab_size)  # type: ignore[attr-defined]
     dim = head_dim(config)
-    w.add_rope_dimension_count(dim)  # type: ignore[attr-defined]
+    # Models that rotate only part of each head (Phi-3's partial_rotary_factor) say how much.
+    w.add_rope_dimension_count(int(dim * float(setting(config, "partial_rotary_factor", 1.0))))  # type: ignore[attr-defined, arg-type]
     if dim != hidden // heads:
         w.add_key_length(dim)  # type: ignore[attr-defined]
         w.add_value_length(dim)  # type: ignore[attr-defined]
@@ -197,6 +224,8 @@ def _write_metadata(writer: object, folder: Path, config: Config, outtype: str, 
     rope_type = rope["rope_type"]
     if rope_type in ("linear", "yarn"):
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if rope_type == "linear" else gguf.RopeScalingType.YARN)  # type: ignore[attr-defined]
+        if not isinstance(rope.get("factor"), (int, float)):
+            raise ConversionError(f"config.json asks for {rope_type} RoPE scaling but gives no factor.", "Check the checkpoint's config.json.")
         w.add_rope_scaling_factor(float(rope["factor"]))  # type: ignore[attr-defined, arg-type]
         if rope_type == "yarn" and rope.get("original_max_position_embeddings"):
             w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))  # type: ignore[attr-defined, arg-type]

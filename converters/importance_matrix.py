@@ -73,7 +73,10 @@ def compute_imatrix(checkpoint: Path, text: str, on_progress: ProgressCallback =
         raise ConversionError("Computing an importance matrix needs PyTorch and transformers.", "Install them: pip install 'pocketlm[torch]'.") from None
     import gguf
 
-    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    try:
+        config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"Cannot read {checkpoint / 'config.json'} to compute the importance matrix ({error}).") from None
     from pocketlm.converters.gguf_architectures import ARCHITECTURES, setting
 
     architecture = next((ARCHITECTURES[n] for n in config.get("architectures", []) if n in ARCHITECTURES), None)
@@ -135,7 +138,8 @@ def read_imatrix_file(path: Path) -> dict[str, np.ndarray]:
             base = name.removesuffix(".in_sum2")
             count = tensors.get(base + ".counts")
             total = float(count.reshape(-1)[0]) if count is not None and count.size else 1.0
-            matrix[base] = (sums.reshape(-1) / max(total, 1.0)).astype(np.float32)
+            if total > 0:  # a tensor the calibration never reached has no data: llama.cpp then quantizes it plainly
+                matrix[base] = (sums.reshape(-1) / total).astype(np.float32)
     if not matrix:
         raise ConversionError(f"{path} holds no importance data (no *.in_sum2 tensors).", "Give a file llama-imatrix wrote.")
     return matrix

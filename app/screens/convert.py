@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from pocketlm.app.pocket_app import PocketApp
 
 _NO_QUANT = "none"
-_OUTTYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625}
+_OUTTYPE_BYTES = {"auto": 2.0, "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625}
 _UNQUANTIZED_GGUF = {"ALL_F32", "F16", "BF16"}
 
 
@@ -51,7 +51,8 @@ class ConvertScreen(Screen[None]):
             yield Label("Model (a safetensors checkpoint, or an f16/bf16/f32 GGUF to quantize)")
             yield Select([], prompt="choose a model", id="convert-source")
             yield Label("GGUF written from the checkpoint")
-            yield Select([(t, t) for t in ("f16", "bf16", "f32", "q8_0")], value="f16", allow_blank=False, id="convert-outtype")
+            yield Select([("auto (bf16 for bf16 weights, else f16)", "auto")] + [(t, t) for t in ("f16", "bf16", "f32", "q8_0")],
+                         value="auto", allow_blank=False, id="convert-outtype")  # fmt: skip
             yield Label("Quantization")
             yield OptionList(id="convert-quant")
             with Horizontal(classes="buttons"):
@@ -99,7 +100,8 @@ class ConvertScreen(Screen[None]):
         parameters = model.parameter_count if model else 0
         if model is None or model.format == "safetensors":
             size = f"≈ {human_bytes(int(parameters * _OUTTYPE_BYTES[outtype]))}" if parameters else ""
-            quants.add_option(Option(f"none: keep {outtype}  [dim]{size}[/dim]", id=_NO_QUANT))
+            kept = outtype if outtype != "auto" else ("bf16" if model is not None and model.quantization == "BF16" else "f16")
+            quants.add_option(Option(f"none: keep {kept}  [dim]{size}[/dim]", id=_NO_QUANT))
         for quant in QUANT_TYPES.values():
             size = f"≈ {human_bytes(expected_size(parameters, quant))} · " if parameters else ""
             quants.add_option(Option(f"{quant.name:<7} [dim]{size}{quant.quality}[/dim]", id=quant.name))

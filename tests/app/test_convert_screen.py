@@ -29,9 +29,10 @@ async def test_convert_a_checkpoint_to_q4_k_m_and_chat_with_it(store_with_starte
         assert highlighted.id == "Q4_K_M" and "balanced: the usual choice" in str(highlighted.prompt)
 
         await pilot.click("#convert-start")
-        bar = screen.query_one("#convert-progress", ProgressBar)
-        await wait_for(pilot, lambda: (bar.progress or 0) > 0 or not screen.running)
+        assert screen.running and screen.query_one("#convert-progress", ProgressBar).display
         await wait_for(pilot, lambda: not screen.running, timeout=300)
+        last = screen._latest  # the newest progress the worker reported, as the screen's timer showed it
+        assert last is not None and last.description.startswith("Quantizing") and last.completed == last.total == 272
         result = app.store.get("HuggingFaceTB/SmolLM2-135M-Instruct:Q4_K_M")
         assert result is not None and result.quantization == "Q4_K_M"
         assert (result.parent, result.lineage) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "convert f16, quantize Q4_K_M")

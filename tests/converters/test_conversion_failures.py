@@ -70,6 +70,29 @@ def test_cancel_midway_leaves_nothing(starter_checkpoint: Path, tmp_path: Path) 
     assert leftovers(tmp_path) == []
 
 
+def test_cancel_during_quantization_keeps_nothing(converted_f16: Path, tmp_path: Path) -> None:
+    from pocketlm.converters.gguf_quantize import GGUFQuantizer
+
+    cancel = threading.Event()
+
+    def stop_at_tensor_three(update: ProgressUpdate) -> None:
+        if (update.completed or 0) >= 3:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        GGUFQuantizer().convert(converted_f16, tmp_path / "q.gguf", ConvertOptions(quant="Q4_0", cancel=cancel), stop_at_tensor_three)
+    assert leftovers(tmp_path) == []
+
+
+def test_a_config_missing_a_size_is_one_sentence(checkpoint_copy: Path, tmp_path: Path) -> None:
+    config = json.loads((checkpoint_copy / "config.json").read_text())
+    del config["intermediate_size"]
+    (checkpoint_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="config.json has no usable 'intermediate_size'"):
+        convert(checkpoint_copy, tmp_path / "out.gguf")
+    assert leftovers(tmp_path) == ["checkpoint"]
+
+
 def test_no_room_to_write_is_one_sentence_and_leaves_nothing(starter_checkpoint: Path, pocket_home: Path) -> None:
     # A 50 MB file-size limit stands in for a full disk: the write fails the same way, midway (EFBIG, not ENOSPC).
     script = (

@@ -68,6 +68,18 @@ def test_logits_match_transformers(kind: str, starter_checkpoint: Path, tmp_path
     assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
 
 
+def test_a_bf16_checkpoint_converts_exactly_and_defaults_to_bf16(starter_checkpoint: Path, tmp_path: Path) -> None:
+    from pocketlm.models.gguf_info import read_gguf
+
+    checkpoint = build_tiny_model("llama", tmp_path / "checkpoint", starter_checkpoint, dtype="bfloat16")
+    expected = transformers_logits(checkpoint, TOKEN_IDS)  # transformers upcasts the bf16 weights to float32
+    f32 = HfToGGUF().convert(checkpoint, tmp_path / "f32.gguf", ConvertOptions(outtype="f32"), ignore_progress).path
+    assert np.abs(llama_cpp_logits(f32, TOKEN_IDS) - expected).max() / np.abs(expected).max() < 1e-4
+    # f16 holds values up to 65504 only; bf16 weights keep their own type unless asked otherwise.
+    auto = HfToGGUF().convert(checkpoint, tmp_path / "auto.gguf", ConvertOptions(), ignore_progress).path
+    assert read_gguf(auto).quantization == "BF16"
+
+
 CORPUS = [
     "Hello, world! The quick brown fox jumps over the lazy dog.",
     "Café, naïve, résumé, Ærøskøbing, Zürich — “quotes” and ‘apostrophes’ don't fail.",

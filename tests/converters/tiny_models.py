@@ -18,6 +18,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, object]]] = {
     "llama-tied": ("LlamaConfig", {**SMALL, "tie_word_embeddings": True}),
     "llama3-rope-scaling": ("LlamaConfig", {**SMALL, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    "llama-attention-bias": ("LlamaConfig", {**SMALL, "attention_bias": True}),
     "mistral": ("MistralConfig", {**SMALL, "sliding_window": None}),
     "qwen2": ("Qwen2Config", {**SMALL, "tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", {**SMALL, "head_dim": 32, "tie_word_embeddings": True}),
@@ -33,8 +34,8 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, object]]] = {
 }  # fmt: skip
 
 
-def build_tiny_model(kind: str, destination: Path, tokenizer_folder: Path) -> Path:
-    """Save a random `kind` model (float32 safetensors) with the given tokenizer into `destination`."""
+def build_tiny_model(kind: str, destination: Path, tokenizer_folder: Path, dtype: str = "float32") -> Path:
+    """Save a random `kind` model (safetensors in `dtype`) with the given tokenizer into `destination`."""
     import torch
     import transformers
 
@@ -48,7 +49,7 @@ def build_tiny_model(kind: str, destination: Path, tokenizer_folder: Path) -> Pa
                 parameter.copy_(1.0 + 0.3 * torch.randn_like(parameter))
             else:
                 parameter.normal_(0.0, 0.15)
-    model.save_pretrained(destination)
+    model.to(getattr(torch, dtype)).save_pretrained(destination)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_folder / name, destination / name)
     return destination

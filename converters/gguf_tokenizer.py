@@ -1,6 +1,6 @@
 """The tokenizer and chat metadata of a Hugging Face checkpoint, written as llama.cpp expects them.
 
-Byte-level BPE (tokenizer.json) is supported. llama.cpp applies its own pre-tokenizer regex, chosen by name
+SentencePiece (tokenizer.model) and byte-level BPE (tokenizer.json) are supported. llama.cpp applies its own pre-tokenizer regex, chosen by name
 (`tokenizer.ggml.pre`); the name is recognised from the pre-tokenizer tokenizer.json declares, not guessed.
 """
 
@@ -67,18 +67,20 @@ def write_tokenizer(writer: object, folder: Path, vocab_size: int) -> None:
     """Tokens, their types, merges, special tokens and the chat template, into the GGUF `writer`."""
     import gguf
 
+    if (folder / "tokenizer.model").is_file():
+        _write_sentencepiece(writer, folder, vocab_size)
+        return
     path = folder / "tokenizer.json"
     if not path.is_file():
-        if (folder / "tokenizer.model").is_file():
-            raise ConversionError("SentencePiece tokenizers (tokenizer.model) are not supported yet.", "Look for a ready-made GGUF of this model.")
-        raise ConversionError(f"{folder} has no tokenizer.json.", "Pull or copy the tokenizer files with the weights.")
+        raise ConversionError(f"{folder} has no tokenizer.json or tokenizer.model.", "Pull or copy the tokenizer files with the weights.")
     try:
         tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
         model = tokenizer_json["model"]
     except (OSError, ValueError, KeyError) as error:
         raise ConversionError(f"{path} cannot be read as a tokenizer ({error}).") from None
     if model.get("type") != "BPE" or (tokenizer_json.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ConversionError("Only byte-level BPE tokenizers (GPT-2 style) are supported so far.", "Look for a ready-made GGUF of this model.")
+        raise ConversionError("This tokenizer.json is not byte-level BPE, and there is no tokenizer.model beside it.",
+                              "Pull the repo's tokenizer.model too, or look for a ready-made GGUF of this model.")  # fmt: skip
     pre = pre_tokenizer_name(tokenizer_json)
     added = {token["id"]: token for token in tokenizer_json.get("added_tokens", [])}
     by_id = {index: text for text, index in model["vocab"].items()}
@@ -102,4 +104,54 @@ def write_tokenizer(writer: object, folder: Path, vocab_size: int) -> None:
     # A Hugging Face tokenizer adds a BOS token only when its config or post-processor says so; llama.cpp's default
     # for BPE vocabularies is to add one, which would shift every prompt by a token. Say it explicitly.
     special.add_special_token.setdefault("bos", False)
+    special.add_to_gguf(writer, quiet=True)  # type: ignore[arg-type]
+
+
+def _write_sentencepiece(writer: object, folder: Path, vocab_size: int) -> None:
+    """A SentencePiece tokenizer (Llama 2, TinyLlama, Mistral, Gemma, Phi-3): llama.cpp's "llama" vocabulary keeps
+    the pieces, their scores and types, and whether a space is prefixed to the text as the model's own normalizer does."""
+    import gguf
+
+    try:
+        vocab = gguf.SentencePieceVocab(folder)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise ConversionError(f"Cannot read {folder / 'tokenizer.model'} as a SentencePiece model ({error}).",
+                              "Install sentencepiece, or check the file.") from None  # fmt: skip
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    config_path = folder / "tokenizer_config.json"
+    added = {}
+    if config_path.is_file():
+        try:
+            added = json.loads(config_path.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+        except (OSError, ValueError):
+            added = {}
+    for key, token in added.items():
+        index = int(key)
+        if index >= vocab_size or not isinstance(token, dict):
+            continue
+        while len(tokens) <= index:
+            tokens.append(f"[PAD{len(tokens)}]".encode())
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+        tokens[index] = str(token.get("content", "")).encode()
+        scores[index] = -1000.0
+        types[index] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
+    while len(tokens) < vocab_size:  # embedding rows past the tokenizer's vocabulary
+        tokens.append(f"[PAD{len(tokens)}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    processor = vocab.sentencepiece_tokenizer
+    first = processor.encode("a")
+    adds_space = bool(first) and processor.id_to_piece(first[0]).startswith("\u2581")
+    writer.add_tokenizer_model("llama")  # type: ignore[attr-defined]
+    writer.add_tokenizer_pre("default")  # type: ignore[attr-defined]
+    writer.add_token_list(tokens[:vocab_size])  # type: ignore[attr-defined]
+    writer.add_token_scores(scores[:vocab_size])  # type: ignore[attr-defined]
+    writer.add_token_types(types[:vocab_size])  # type: ignore[attr-defined]
+    writer.add_add_space_prefix(adds_space)  # type: ignore[attr-defined]
+    special = gguf.SpecialVocab(folder, load_merges=False, n_vocab=vocab_size)
     special.add_to_gguf(writer, quiet=True)  # type: ignore[arg-type]

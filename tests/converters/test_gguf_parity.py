@@ -107,3 +107,34 @@ def test_tokenizer_matches_the_checkpoints_id_for_id(starter_checkpoint: Path, c
             assert vocab.tokenize(text.encode(), add_bos=False, special=True) == expected, text
     finally:
         vocab.close()
+
+
+def test_a_sentencepiece_tokenizer_matches_too(tmp_path: Path) -> None:
+    import llama_cpp
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from tests.converters.tiny_models import train_sentencepiece_tokenizer
+
+    tokenizer = train_sentencepiece_tokenizer(tmp_path / "tokenizer")
+    checkpoint = build_tiny_model("llama", tmp_path / "checkpoint", tokenizer, vocab_size=600)
+    gguf = HfToGGUF().convert(checkpoint, tmp_path / "model.gguf", ConvertOptions(outtype="f32"), ignore_progress).path
+    reference = AutoTokenizer.from_pretrained(checkpoint)
+    original = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer / "tokenizer.model"))
+    vocab = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
+    try:
+        matched_hf = 0
+        for text in CORPUS:
+            ours = vocab.tokenize(text.encode(), add_bos=False, special=True)
+            hf = reference(text, add_special_tokens=False)["input_ids"]
+            if hf == original.encode(text):
+                assert ours == hf, text
+                matched_hf += 1
+            else:
+                # transformers' conversion of a SentencePiece model departs from SentencePiece itself on leading runs
+                # of spaces; there llama.cpp must match the model's own tokenizer.
+                assert ours == original.encode(text), text
+        assert matched_hf >= len(CORPUS) - 1
+        assert vocab.tokenize(b"Hello", add_bos=True)[0] == reference("Hello")["input_ids"][0] == 1  # <s> first, as HF adds it
+    finally:
+        vocab.close()

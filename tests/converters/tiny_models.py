@@ -34,13 +34,13 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, object]]] = {
 }  # fmt: skip
 
 
-def build_tiny_model(kind: str, destination: Path, tokenizer_folder: Path, dtype: str = "float32") -> Path:
+def build_tiny_model(kind: str, destination: Path, tokenizer_folder: Path, dtype: str = "float32", vocab_size: int | None = None) -> Path:
     """Save a random `kind` model (safetensors in `dtype`) with the given tokenizer into `destination`."""
     import torch
     import transformers
 
     class_name, settings = TINY_CONFIGS[kind]
-    config = getattr(transformers, class_name)(**settings)
+    config = getattr(transformers, class_name)(**{**settings, **({"vocab_size": vocab_size} if vocab_size else {})})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -50,6 +50,40 @@ def build_tiny_model(kind: str, destination: Path, tokenizer_folder: Path, dtype
             else:
                 parameter.normal_(0.0, 0.15)
     model.to(getattr(torch, dtype)).save_pretrained(destination)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_folder / name, destination / name)
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        if (tokenizer_folder / name).is_file():
+            shutil.copy(tokenizer_folder / name, destination / name)
+    return destination
+
+
+SENTENCEPIECE_TRAINING_TEXT = """\
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+Café, naïve, résumé, Zürich and Ærøskøbing; 日本語のテキストと中文字符，还有한국어 문장도 있습니다。
+def fib(n: int) -> int:
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+Numbers like 3.14159, 1,234,567 and 2026-11-23 appear in text; so do emoji 🤖🚀 and tabs\tand   spaces.
+"""
+
+
+def train_sentencepiece_tokenizer(destination: Path) -> Path:
+    """A small Llama-2-style SentencePiece BPE tokenizer (byte fallback, digits split, whitespace kept as written),
+    trained with the real sentencepiece trainer, with the tokenizer_config.json transformers reads beside it."""
+    import json
+
+    import sentencepiece
+
+    destination.mkdir(parents=True, exist_ok=True)
+    corpus = destination / "corpus.txt"
+    corpus.write_text(SENTENCEPIECE_TRAINING_TEXT * 20, encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(destination / "tokenizer"), vocab_size=600, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, pad_id=-1, unk_id=0, bos_id=1, eos_id=2, split_digits=True,
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, normalization_rule_name="identity",
+        minloglevel=2, num_threads=1,
+    )  # fmt: skip
+    corpus.unlink()
+    (destination / "tokenizer.vocab").unlink(missing_ok=True)
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}  # fmt: skip
+    (destination / "tokenizer_config.json").write_text(json.dumps(config))
     return destination

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import click
 
-QUANT_HELP = "Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, IQ4_XS, IQ4_NL, Q4_1, Q4_0, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K"
+from pocketlm.converters.quant_types import QUANT_TYPES
+
+# The quantizer's own table, so the help never lists a type it lacks (importing it loads no engine).
+QUANT_HELP = ", ".join(QUANT_TYPES)
 
 
 def _source(store, query: str):  # type: ignore[no-untyped-def]
@@ -50,7 +53,7 @@ def convert(model: str, target: str, outtype: str, quant: str | None, imatrix: s
     """
     from pocketlm.app.cli_models import _store
     from pocketlm.converters.base import ConvertOptions
-    from pocketlm.converters.gguf_quantize import quant_type
+    from pocketlm.converters.quant_types import quant_type
 
     if quant:
         quant_type(quant)  # an unknown type fails before any work
@@ -66,12 +69,11 @@ def convert(model: str, target: str, outtype: str, quant: str | None, imatrix: s
 def quantize(model: str, quant: str, imatrix: str | None, threads: int | None) -> None:
     """Quantize MODEL (an f16, bf16 or f32 GGUF in the store, or its path) to TYPE.
 
-    TYPE is one of Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, IQ4_XS, IQ4_NL, Q4_1, Q4_0, Q3_K_L,
-    Q3_K_M, Q3_K_S, Q2_K; Q4_K_M is the usual choice.
+    TYPE is one of the types `pocketlm convert --help` lists; Q4_K_M is the usual choice.
     """
     from pocketlm.app.cli_models import _store
     from pocketlm.converters.base import ConvertOptions
-    from pocketlm.converters.gguf_quantize import quant_type
+    from pocketlm.converters.quant_types import quant_type
 
     quant_type(quant)
     store = _store()

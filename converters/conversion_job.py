@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from pocketlm.converters.base import ConversionError, ConvertOptions
@@ -17,6 +18,8 @@ from pocketlm.models.progress import ProgressCallback, ignore_progress
 from pocketlm.models.store import LocalModel, ModelStore
 
 _SUFFIX = re.compile(r":(F32|F16|BF16|Q8_0)$", re.IGNORECASE)
+# Bytes per weight of each GGUF output type (Q8_0: 34 bytes per block of 32 weights).
+OUTTYPE_BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625}
 
 
 def output_name(source_name: str, label: str) -> str:
@@ -28,13 +31,19 @@ def file_name_for(name: str) -> str:
     return re.sub(r"[^\w.-]+", "-", name).strip("-") + ".gguf"
 
 
+def outtype_for(source: LocalModel | None, outtype: str) -> str:
+    """`auto` made concrete: bf16 for a bf16 checkpoint (f16 could overflow its large values), else f16."""
+    if outtype != "auto":
+        return outtype
+    return "bf16" if source is not None and source.quantization == "BF16" else "f16"
+
+
 def _check_space(source: LocalModel, destination: Path, options: ConvertOptions) -> None:
     """Refuse before writing when the output (and the f16 step of a quantization) cannot fit, with the numbers."""
     parameters = source.parameter_count or source.size_bytes // 2
-    bytes_per_weight = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.07}.get(options.outtype, 2.0)
-    needed = int(parameters * bytes_per_weight) if source.format != "gguf" else 0
+    needed = int(parameters * OUTTYPE_BYTES_PER_WEIGHT[options.outtype]) if source.format != "gguf" else 0
     if options.quant:
-        from pocketlm.converters.gguf_quantize import expected_size, quant_type
+        from pocketlm.converters.quant_types import expected_size, quant_type
 
         needed += expected_size(parameters, quant_type(options.quant))
     # llama.cpp keeps embeddings and some layers at higher types than the quant's average: room for that, plus slack.
@@ -68,17 +77,16 @@ def convert_model(store: ModelStore, source: LocalModel, options: ConvertOptions
         raise ConversionError(f"{source.name} is already a GGUF file.", "Pass a quantization (e.g. --quant Q4_K_M) to make a smaller one.")
     if options.quant and options.outtype == "q8_0":
         raise ConversionError("Quantizing starts from an f16, bf16 or f32 GGUF, not q8_0.", "Drop --outtype q8_0, or drop --quant.")
-    if options.outtype == "auto":  # bf16 for a bf16 checkpoint (f16 could overflow its large values), else f16
-        options = ConvertOptions(**{**options.__dict__, "outtype": "bf16" if source.quantization == "BF16" else "f16"})
+    options = replace(options, outtype=outtype_for(source, options.outtype))
     label = options.quant.upper() if options.quant else options.outtype.upper()
     target_name = name or output_name(source.name, label)
     destination = models_dir() / file_name_for(target_name)
     _refuse_collisions(store, target_name, destination)
     _check_space(source, destination, options)
-    options = ConvertOptions(**{**options.__dict__, "model_name": options.model_name or source.name})
+    options = replace(options, model_name=options.model_name or source.name)
     if options.quant and options.imatrix and not str(options.imatrix).endswith(".gguf"):
         matrix = _importance_matrix(store, source, options, on_progress)
-        options = ConvertOptions(**{**options.__dict__, "importance_matrix": matrix})
+        options = replace(options, importance_matrix=matrix)
     steps: list[str] = []
     with tempfile.TemporaryDirectory(dir=models_dir(), prefix=".converting-") as work:
         gguf_path = source.path

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -54,7 +54,7 @@ class HfToGGUF:
         arch = getattr(gguf.MODEL_ARCH, architecture.gguf_arch)
         tensors = list(_tensors(source, config, arch, architecture))
         outtype = resolve_outtype(options.outtype, [t.dtype for t in tensors if len(t.shape) >= 2])
-        options = ConvertOptions(**{**options.__dict__, "outtype": outtype})
+        options = replace(options, outtype=outtype)
         description = f"Converting {options.model_name or source.name} to GGUF {options.outtype}"
         on_progress(ProgressUpdate(description, 0, len(tensors)))
         with atomic_output(destination) as temporary, _closing(gguf.GGUFWriter(temporary, gguf.MODEL_ARCH_NAMES[arch])) as writer:
@@ -136,7 +136,7 @@ def _tensors(folder: Path, config: Config, arch: object, architecture: Architect
     tied = bool(setting(config, "tie_word_embeddings", False)) or architecture.drops_output
     for file_name in weights:
         path = folder / file_name
-        header = read_safetensors_header(path)  # refuses a truncated file before anything is written
+        read_safetensors_header(path)  # refuses a truncated file before anything is written
         for entry in gguf.SafetensorsLocal(path).tensors.items():
             source_name, local = entry
             if source_name.endswith(_SKIPPED) or (tied and source_name == "lm_head.weight"):
@@ -149,7 +149,6 @@ def _tensors(folder: Path, config: Config, arch: object, architecture: Architect
                 raise ConversionError(f"{path.name} holds a tensor pocketlm does not know how to place: {source_name}.",
                                       "This checkpoint has parts its architecture's converter does not expect.")  # fmt: skip
             yield _Tensor(source_name, gguf_name, path, local.data_range.offset, local.data_range.size, local.dtype, tuple(local.shape))
-        del header
 
 
 def _load(tensor: _Tensor) -> np.ndarray:

@@ -39,6 +39,10 @@ class HubError(PocketError):
     """The Hugging Face Hub could not be reached, or refused or lacks what was asked for."""
 
 
+class HubUnreachable(HubError):
+    """No connection to the Hub at all (as opposed to the Hub refusing or lacking something)."""
+
+
 class NotEnoughDisk(PocketError):
     """Writing a model would need more free disk space than there is."""
 

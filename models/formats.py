@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pocketlm.models.errors import ModelFileError
 from pocketlm.models.gguf_info import read_gguf
+from pocketlm.models.gguf_quants import SPLIT_PART
 from pocketlm.models.safetensors_header import SafetensorsHeader, read_safetensors_header
 
 
@@ -31,7 +32,6 @@ CHECKPOINT_SIDE_FILES = frozenset({
     "pytorch_model.bin.index.json",
 })  # fmt: skip
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_SPLIT_GGUF = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 _PACKED_DTYPES = {"I32", "U32"}
 
 
@@ -85,7 +85,7 @@ def _inspect_gguf(path: Path) -> ModelFacts:
 
 def _split_parts(path: Path) -> list[Path]:
     """Every part of a split GGUF (`x-00001-of-00003.gguf`, ...) given any one of them; [path] for a single file."""
-    match = _SPLIT_GGUF.search(path.name)
+    match = SPLIT_PART.search(path.name)
     if not match:
         return [path]
     count = int(match[2])

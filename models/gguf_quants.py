@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 # A quant name as publishers write it in file names: Q4_K_M, IQ4_XS, Q8_0, UD-Q4_K_XL, BF16, F16, ...
 _QUANT = re.compile(r"(?<![A-Za-z0-9])((?:UD-)?(?:I?Q\d(?:_[A-Z0-9]+)*|BF16|F16|FP16|F32|MXFP4(?:_MOE)?))(?=[-._]|$)", re.IGNORECASE)
-_SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 
 # What Ollama and LM Studio default to: the best size/quality trade among 4-5 bit quants first.
 PREFERRED_QUANTS = ("Q4_K_M", "Q4_K_S", "IQ4_XS", "Q4_0", "Q5_K_M", "Q4_1", "Q5_K_S", "Q5_0", "Q6_K", "Q8_0",
@@ -30,7 +30,7 @@ class GGUFChoice:
 
 def quant_of(file_name: str) -> str:
     """The quant named in a GGUF file name (the last one, as in `model-Q4_K_M.gguf`), or "" if none is."""
-    stem = _SPLIT_PART.sub("", file_name)
+    stem = SPLIT_PART.sub("", file_name)
     stem = stem[: -len(".gguf")] if stem.lower().endswith(".gguf") else stem
     found = _QUANT.findall(stem)
     return found[-1].upper() if found else ""
@@ -50,7 +50,7 @@ def gguf_choices(files: Iterable[tuple[str, int]]) -> list[GGUFChoice]:
     for name, size in files:
         if not is_model_gguf(name):
             continue
-        if match := _SPLIT_PART.search(name):
+        if match := SPLIT_PART.search(name):
             key = name[: match.start()]
             splits.setdefault(key, {})[int(match[1])] = (name, size)
             split_counts[key] = int(match[2])

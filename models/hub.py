@@ -10,12 +10,12 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pocketlm.models.errors import HubError
+from pocketlm.models.errors import HubError, HubUnreachable
 from pocketlm.models.gguf_quants import GGUFChoice, gguf_choices
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -114,7 +114,7 @@ def hub_errors(repo_id: str = "", revision: str | None = None, filename: str | N
             raise HubError(f"The Hub refused access to {repo_id} (HTTP {status}); your token may be invalid or expired.", login_hint) from None
         raise HubError(f"The Hub answered HTTP {status} for {repo_id or endpoint}.", "Try again in a moment.") from None
     except (httpx2.TransportError, ConnectionError) as error:
-        raise HubError(f"Cannot reach the Hugging Face Hub at {endpoint} ({type(error).__name__}).",
+        raise HubUnreachable(f"Cannot reach the Hugging Face Hub at {endpoint} ({type(error).__name__}).",
                        "Check your network connection; with HF_HUB_OFFLINE=1, pocketlm uses only the local cache.") from None  # fmt: skip
     except errors.HFValidationError:
         raise HubError(f"{repo_id!r} is not a valid Hub repo name.", "Write it as owner/name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.") from None
@@ -150,7 +150,7 @@ def search_models(query: str, format: str | None = None, sort: SearchSort = "dow
         return results
     with ThreadPoolExecutor(max_workers=8) as pool:
         choices = dict(zip(gguf_repos, pool.map(_quiet_gguf_choices, gguf_repos)))
-    return [SearchResult(**{**r.__dict__, "gguf_files": tuple(choices.get(r.repo_id, ()))}) for r in results]
+    return [replace(r, gguf_files=tuple(choices.get(r.repo_id, ()))) for r in results]
 
 
 def _quiet_library_logs() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-from pocketlm.models.errors import Cancelled, HubError, ModelFileError, NotEnoughDisk
+from pocketlm.models.errors import Cancelled, HubError, HubUnreachable, ModelFileError, NotEnoughDisk
 from pocketlm.models.hub import RemoteFile, RemoteRepo, hub_endpoint, hub_errors, repo_cache_dir
 
 PARTIAL_SUFFIX = ".pocketlm-partial"
@@ -205,11 +205,11 @@ def _attempt(repo: RemoteRepo, file: RemoteFile, state: _Partial, on_bytes: Call
                     break
     except (httpx2.TransportError, httpx2.StreamError, ConnectionError) as error:
         raise _Retryable(type(error).__name__) from None
-    except HubError as error:
+    except HubUnreachable as error:
+        raise _Retryable(error.message) from None
+    except HubError:
         if cancel.is_set():
             raise _Retryable("cancelled") from None
-        if "Cannot reach" in error.message:
-            raise _Retryable(error.message) from None
         raise
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pocketlm.models.errors import HubError, ModelFileError, NotEnoughDisk
 from pocketlm.models.fit import gib, human_bytes
@@ -158,7 +158,7 @@ def register_pulled(plan: PullPlan, store: ModelStore, fetched: bool) -> LocalMo
     facts = inspect_model(target)
     if not plan.gguf:
         # The snapshot folder may hold other pulls of the same commit; the model is exactly the files pulled.
-        facts = type(facts)(**{**facts.__dict__, "files": tuple(paths), "size_bytes": plan.total_bytes})
+        facts = replace(facts, files=tuple(paths), size_bytes=plan.total_bytes)
     elif facts.files != tuple(paths):
         raise ModelFileError(f"{plan.name}: the pulled files do not form one GGUF model.", "Name the first part of the split file.")
     source = f"hf:{plan.repo.repo_id}@{plan.repo.commit}"

@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pocketlm.models.fit import human_bytes
 from pocketlm.models.store import LocalModel, ModelStore
 
 
@@ -21,18 +22,12 @@ class Removal:
         """The question to ask before removing: what goes and what stays."""
         text = f"Remove {name}"
         if self.deleted:
-            text += f" and delete {len(self.deleted)} file{'s' if len(self.deleted) > 1 else ''} ({_human(self.freed_bytes)})"
+            text += f" and delete {len(self.deleted)} file{'s' if len(self.deleted) > 1 else ''} ({human_bytes(self.freed_bytes)})"
         if self.kept_shared:
             text += f"; {len(self.kept_shared)} file(s) stay, another model uses them"
         if self.kept_not_owned:
             text += "; files pocketlm did not fetch stay where they are"
         return text + "?"
-
-
-def _human(n_bytes: int) -> str:
-    from pocketlm.models.fit import human_bytes
-
-    return human_bytes(n_bytes)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

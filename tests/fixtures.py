@@ -83,3 +83,18 @@ def pocketlm_executable() -> str:
     import sys
 
     return str(Path(sys.executable).with_name("pocketlm"))
+
+
+def capital_question():  # type: ignore[no-untyped-def]
+    """The fact question the tests ask a model, with the system prompt that makes SmolLM2 answer in English."""
+    from pocketlm.backends.base import ChatMessage
+
+    return [ChatMessage("system", CONCISE_SYSTEM_PROMPT), ChatMessage("user", "What is the capital of France?")]
+
+
+def greedy_reply(model, messages, max_tokens: int = 24) -> str:  # type: ignore[no-untyped-def]
+    """`model`'s greedy answer to `messages`, as one string."""
+    from pocketlm.backends.base import SamplingParams, TextPiece
+
+    events = model.stream_chat(messages, SamplingParams(temperature=0, max_tokens=max_tokens))
+    return "".join(event.text for event in events if isinstance(event, TextPiece))

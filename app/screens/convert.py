@@ -15,7 +15,8 @@ from textual.timer import Timer
 from textual.widgets import Button, Footer, Header, Label, OptionList, ProgressBar, Select
 from textual.widgets.option_list import Option
 
-from pocketlm.converters.gguf_quantize import QUANT_TYPES, expected_size
+from pocketlm.converters.conversion_job import OUTTYPE_BYTES_PER_WEIGHT, outtype_for
+from pocketlm.converters.quant_types import QUANT_TYPES, UNQUANTIZED_TYPES, expected_size
 from pocketlm.models.errors import Cancelled, PocketError
 from pocketlm.models.fit import human_bytes
 from pocketlm.models.progress import ProgressUpdate
@@ -25,12 +26,10 @@ if TYPE_CHECKING:
     from pocketlm.app.pocket_app import PocketApp
 
 _NO_QUANT = "none"
-_OUTTYPE_BYTES = {"auto": 2.0, "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625}
-_UNQUANTIZED_GGUF = {"ALL_F32", "F16", "BF16"}
 
 
 def convertible(model: LocalModel) -> bool:
-    return model.format == "safetensors" or (model.format == "gguf" and model.quantization in _UNQUANTIZED_GGUF)
+    return model.format == "safetensors" or (model.format == "gguf" and model.quantization in UNQUANTIZED_TYPES)
 
 
 class ConvertScreen(Screen[None]):
@@ -99,8 +98,8 @@ class ConvertScreen(Screen[None]):
         quants.clear_options()
         parameters = model.parameter_count if model else 0
         if model is None or model.format == "safetensors":
-            size = f"≈ {human_bytes(int(parameters * _OUTTYPE_BYTES[outtype]))}" if parameters else ""
-            kept = outtype if outtype != "auto" else ("bf16" if model is not None and model.quantization == "BF16" else "f16")
+            kept = outtype_for(model, outtype)
+            size = f"≈ {human_bytes(int(parameters * OUTTYPE_BYTES_PER_WEIGHT[kept]))}" if parameters else ""
             quants.add_option(Option(f"none: keep {kept}  [dim]{size}[/dim]", id=_NO_QUANT))
         for quant in QUANT_TYPES.values():
             size = f"≈ {human_bytes(expected_size(parameters, quant))} · " if parameters else ""

@@ -19,9 +19,9 @@ from pocketlm.backends.base import (
 )
 from pocketlm.backends.llamacpp import LlamaCppBackend
 from pocketlm.models.errors import ContextOverflow, NotEnoughMemory
-from tests.fixtures import CONCISE_SYSTEM_PROMPT
+from tests.fixtures import CONCISE_SYSTEM_PROMPT, capital_question
 
-CAPITAL_QUESTION = [ChatMessage("system", CONCISE_SYSTEM_PROMPT), ChatMessage("user", "What is the capital of France?")]
+CAPITAL_QUESTION = capital_question()
 GREEDY = SamplingParams(temperature=0, max_tokens=32)
 
 

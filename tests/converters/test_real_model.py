@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketlm.backends.base import ChatMessage, LoadOptions, SamplingParams, TextPiece
+from pocketlm.backends.base import LoadOptions
 from pocketlm.backends.llamacpp import LlamaCppBackend
 from pocketlm.models.gguf_info import read_gguf
-from tests.fixtures import CONCISE_SYSTEM_PROMPT
+from tests.fixtures import capital_question, greedy_reply
 
 # A fixed English text for perplexity (public-domain style prose, about 300 tokens).
 TEXT = (
@@ -47,8 +47,7 @@ def test_the_converted_and_quantized_model_chats(quantized_q4_k_m: Path) -> None
     assert (summary.architecture, summary.quantization, summary.parameter_count) == ("llama", "Q4_K_M", 134_515_008)
     model = LlamaCppBackend().load(quantized_q4_k_m, LoadOptions(context_length=512))
     try:
-        messages = [ChatMessage("system", CONCISE_SYSTEM_PROMPT), ChatMessage("user", "What is the capital of France?")]
-        reply = "".join(e.text for e in model.stream_chat(messages, SamplingParams(temperature=0, max_tokens=24)) if isinstance(e, TextPiece))
+        reply = greedy_reply(model, capital_question())
     finally:
         model.close()
     assert "Paris" in reply

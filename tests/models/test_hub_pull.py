@@ -189,14 +189,13 @@ def test_pulling_again_fetches_nothing(loopback_hub: LoopbackHub, model_store: M
 
 def test_pulled_model_chats(loopback_hub: LoopbackHub, model_store: ModelStore) -> None:
     from pocketlm.app.model_loading import choose_model, load_model
-    from pocketlm.backends.base import ChatMessage, LoadOptions, SamplingParams, TextPiece
-    from tests.fixtures import CONCISE_SYSTEM_PROMPT
+    from pocketlm.backends.base import LoadOptions
+    from tests.fixtures import capital_question, greedy_reply
 
     pull(f"{GGUF_REPO}:Q4_1", model_store)
     model = load_model(choose_model(model_store, "smollm2-135m-instruct-gguf:q4_1"), LoadOptions(context_length=512))
     try:
-        messages = [ChatMessage("system", CONCISE_SYSTEM_PROMPT), ChatMessage("user", "What is the capital of France?")]
-        text = "".join(e.text for e in model.stream_chat(messages, SamplingParams(temperature=0, max_tokens=24)) if isinstance(e, TextPiece))
+        text = greedy_reply(model, capital_question())
     finally:
         model.close()
     assert "Paris" in text

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: chat test
+.PHONY: chat test test-fast
 
 # Install pocketlm with the llama.cpp backend and open the app (it offers the starter model when none is installed).
 chat: $(BIN)/python
@@ -14,6 +14,11 @@ chat: $(BIN)/python
 test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[llama,torch,test]'
 	$(BIN)/python -m pytest
+
+# The inner loop: everything but the tests that need the real starter model (marked slow), in under two minutes.
+test-fast: $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[llama,torch,test]'
+	$(BIN)/python -m pytest -m "not slow"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

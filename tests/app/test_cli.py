@@ -28,8 +28,10 @@ def assert_clean_failure(result: subprocess.CompletedProcess[str], message: str)
 def test_pipe_mode_prints_only_the_reply(store_with_starter: ModelStore, pocket_home: Path) -> None:
     result = pocketlm("chat", "SmolLM2", "--temp", "0", "--system", CONCISE_SYSTEM_PROMPT, stdin="What is the capital of France?", home=pocket_home)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "The capital of France is Paris."
-    assert result.stderr == ""
+    # Only the reply (no prompt, no role marker) and nothing on stderr; its exact words are left to the CPU's rounding.
+    reply = result.stdout.strip()
+    assert "Paris" in reply and not reply.startswith(("<|", "assistant", "What is")), reply
+    assert result.stdout.endswith("\n") and result.stderr == ""
 
 
 def test_run_one_shot(store_with_starter: ModelStore, pocket_home: Path) -> None:

@@ -65,7 +65,11 @@ def test_logits_match_transformers(kind: str, starter_checkpoint: Path, tmp_path
     got = llama_cpp_logits(f16, TOKEN_IDS)
     f16_error = np.abs(got - expected).max() / scale
     assert f16_error < 1e-2, f"{kind} f16: largest logit error {f16_error:.2e} of the largest logit"
-    assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
+    # The top token agrees wherever the reference's lead over its runner-up is wider than the error just bounded; a
+    # near-tie in a random model's logits is for the CPU's rounding to decide, on any engine.
+    ranked = np.sort(expected, axis=1)
+    clear = ranked[:, -1] - ranked[:, -2] > 2 * f16_error * scale
+    assert clear.any() and (got.argmax(axis=1) == expected.argmax(axis=1))[clear].all()
 
 
 def test_a_bf16_checkpoint_converts_exactly_and_defaults_to_bf16(starter_checkpoint: Path, tmp_path: Path) -> None:

@@ -30,10 +30,12 @@ def _run(store, source, options) -> None:  # type: ignore[no-untyped-def]
     from pocketlm.models.errors import Cancelled
     from pocketlm.models.fit import human_bytes
 
+    from pocketlm.app.interrupts import ctrl_c_sets, in_worker
+
     try:
-        with rich_progress(Console(stderr=True), unit="tensors") as show_progress:
-            model = convert_model(store, source, options, show_progress)
-    except KeyboardInterrupt:
+        with ctrl_c_sets(options.cancel), rich_progress(Console(stderr=True), unit="tensors") as show_progress:
+            model = in_worker(lambda: convert_model(store, source, options, show_progress), options.cancel)
+    except Cancelled:
         raise Cancelled("Conversion interrupted; nothing was written.") from None
     click.echo(f"{model.name} is ready ({human_bytes(model.size_bytes)}, {model.lineage} of {source.name}): pocketlm chat {model.name}")
 

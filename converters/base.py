@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
 
+from pocketlm.models.durable import durable_replace
 from pocketlm.models.errors import Cancelled, NotEnoughDisk, PocketError
+from pocketlm.models.leftovers import partial_name
 from pocketlm.models.progress import ProgressCallback
 
 
@@ -58,10 +60,11 @@ def atomic_output(destination: Path) -> Iterator[Path]:
     import errno
 
     destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
+    # The process id in the name tells the store's sweep (models/leftovers.py) whether a kill -9 left it behind.
+    temporary = destination.with_name(partial_name(destination.name, os.getpid()))
     try:
         yield temporary
-        os.replace(temporary, destination)
+        durable_replace(temporary, destination)
     except OSError as error:
         # Disk full, over quota, over the file-size limit; numpy reports the same as a short write without an errno.
         short_write = error.errno is None and "written" in str(error)

@@ -3,6 +3,7 @@ lineage. The CLI and the app both run this."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -13,6 +14,7 @@ from pocketlm.converters.base import ConversionError, ConvertOptions
 from pocketlm.converters.registry import converter_for
 from pocketlm.models.errors import NotEnoughDisk
 from pocketlm.models.fit import gib
+from pocketlm.models.leftovers import converting_prefix, registering_name
 from pocketlm.models.locations import models_dir
 from pocketlm.models.progress import ProgressCallback, ignore_progress
 from pocketlm.models.store import LocalModel, ModelStore
@@ -88,20 +90,28 @@ def convert_model(store: ModelStore, source: LocalModel, options: ConvertOptions
         matrix = _importance_matrix(store, source, options, on_progress)
         options = replace(options, importance_matrix=matrix)
     steps: list[str] = []
-    with tempfile.TemporaryDirectory(dir=models_dir(), prefix=".converting-") as work:
-        gguf_path = source.path
-        if source.format == "safetensors":
-            converted = destination if not options.quant else Path(work) / "f16.gguf"
-            result = converter_for("safetensors", "gguf").convert(source.path, converted, options, on_progress)
-            gguf_path, steps = result.path, [result.how]
-        if options.quant:
-            result = converter_for("gguf", "gguf").convert(gguf_path, destination, options, on_progress)
-            steps.append(result.how)
+    # A kill -9 between the output's rename and its registration would leave a model no entry points at: this mark
+    # tells the store's sweep to delete it then (models/leftovers.py).
+    registering = destination.with_name(registering_name(destination.name, os.getpid()))
+    registering.touch()
     try:
-        return store.register(destination, source="convert", name=target_name, parent=source.name, lineage=", ".join(steps), owned=True)
-    except BaseException:
-        destination.unlink(missing_ok=True)  # a model file no entry points at would be lost on disk
-        raise
+        # Named after this process, so that the store's sweep can tell work a kill -9 abandoned from work in progress.
+        with tempfile.TemporaryDirectory(dir=models_dir(), prefix=converting_prefix(os.getpid())) as work:
+            gguf_path = source.path
+            if source.format == "safetensors":
+                converted = destination if not options.quant else Path(work) / "f16.gguf"
+                result = converter_for("safetensors", "gguf").convert(source.path, converted, options, on_progress)
+                gguf_path, steps = result.path, [result.how]
+            if options.quant:
+                result = converter_for("gguf", "gguf").convert(gguf_path, destination, options, on_progress)
+                steps.append(result.how)
+        try:
+            return store.register(destination, source="convert", name=target_name, parent=source.name, lineage=", ".join(steps), owned=True)
+        except BaseException:
+            destination.unlink(missing_ok=True)  # a model file no entry points at would be lost on disk
+            raise
+    finally:
+        registering.unlink(missing_ok=True)
 
 
 def _refuse_collisions(store: ModelStore, name: str, destination: Path) -> None:

@@ -139,15 +139,18 @@ class Architecture:
     transform: TensorTransform = keep
     metadata: Callable[[object, Config], None] = no_metadata  # keys beyond the shared ones
     drops_output: bool = False  # the output projection is always the token embedding (Gemma)
+    # How wide a head is when config.json leaves head_dim out: transformers' config default for architectures whose
+    # heads are not hidden_size / num_attention_heads wide (None: that quotient, which then must be whole).
+    default_head_dim: int | None = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "LlamaForCausalLM": Architecture("LLAMA", undo_rotary_permutation),  # Llama 2/3, SmolLM, TinyLlama
     "MistralForCausalLM": Architecture("LLAMA", undo_rotary_permutation),
     "Qwen2ForCausalLM": Architecture("QWEN2"),
-    "Qwen3ForCausalLM": Architecture("QWEN3"),
-    "Gemma2ForCausalLM": Architecture("GEMMA2", gemma_norms, gemma2_metadata, drops_output=True),
-    "Gemma3ForCausalLM": Architecture("GEMMA3", gemma_norms, gemma3_metadata, drops_output=True),  # text-only (1B; 4B+ text part)
+    "Qwen3ForCausalLM": Architecture("QWEN3", default_head_dim=128),
+    "Gemma2ForCausalLM": Architecture("GEMMA2", gemma_norms, gemma2_metadata, drops_output=True, default_head_dim=256),
+    "Gemma3ForCausalLM": Architecture("GEMMA3", gemma_norms, gemma3_metadata, drops_output=True, default_head_dim=256),  # text-only (1B; 4B+ text part)
     # Fused qkv_proj and gate_up_proj are kept fused: llama.cpp's Phi-3 graph splits them itself.
     "Phi3ForCausalLM": Architecture("PHI3", metadata=phi3_metadata),
 }

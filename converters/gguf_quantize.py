@@ -60,8 +60,11 @@ class GGUFQuantizer:
             check_cancel(options)
             if status != 0:
                 reason = log.problems[-1] if log.problems else f"status {status}"
-                if "space" in reason.lower():
-                    raise NotEnoughDisk(f"The disk filled up while quantizing to {quant.name}; nothing was kept.", "Free some space and run it again.")
+                # llama.cpp writes through a std::ofstream that throws on a failed write: a full disk, a quota or a
+                # file-size limit surface as that stream's generic "iostream error" (its reads never use streams).
+                if any(sign in reason.lower() for sign in ("space", "iostream error", "file too large", "quota")):
+                    raise NotEnoughDisk(f"There was no room to write {destination.name} while quantizing to {quant.name}; nothing was kept.",
+                                        "Free some space (or raise the limit) and run it again.")  # fmt: skip
                 raise ConversionError(f"llama.cpp could not quantize {source.name} to {quant.name}: {reason}.",
                                       "Check that the input is an f32, f16 or bf16 GGUF that llama.cpp loads.")  # fmt: skip
             read_gguf(temporary)  # the output must be a whole, loadable file before it replaces anything
@@ -99,7 +102,7 @@ class _progress_from_log:
                 return
             if match := _PROGRESS_LINE.search(text):
                 self.on_progress(ProgressUpdate(self.description, int(match[1]), int(match[2])))
-            elif level in (2, 3) and (line := text.decode("utf-8", "replace").strip()):  # GGML_LOG_LEVEL_WARN, _ERROR
+            elif level in (3, 4) and (line := text.decode("utf-8", "replace").strip()):  # GGML_LOG_LEVEL_WARN, _ERROR
                 self.problems.append(line)
 
         self._callback = on_log  # keep a reference: llama.cpp holds only the pointer

@@ -16,7 +16,8 @@ from typing import ClassVar
 import numpy as np
 
 from pocketlm.converters.base import ConversionError, ConversionResult, ConvertOptions, atomic_output, check_cancel
-from pocketlm.converters.gguf_architectures import ARCHITECTURES, Architecture, Config, head_dim, llama3_rope_factors, rope_settings, setting, supported_names
+from pocketlm.converters.checkpoint_checks import Hyperparameters, check_tensors, read_hyperparameters
+from pocketlm.converters.gguf_architectures import ARCHITECTURES, Architecture, Config, llama3_rope_factors, rope_settings, setting, supported_names
 from pocketlm.converters.gguf_tokenizer import write_tokenizer
 from pocketlm.models.errors import ModelFileError
 from pocketlm.models.formats import checkpoint_weight_files
@@ -51,15 +52,16 @@ class HfToGGUF:
             raise ConversionError(f"{options.outtype!r} is not an output type for GGUF conversion.", f"Choose one of {', '.join(OUTTYPES)}.")
         config = _read_config(source)
         architecture = _architecture(config)
+        sizes = read_hyperparameters(config, architecture)  # before anything else: a bad size must not reach a loop
         arch = getattr(gguf.MODEL_ARCH, architecture.gguf_arch)
-        tensors = list(_tensors(source, config, arch, architecture))
+        tensors = _tensors(source, config, arch, architecture, sizes)
         outtype = resolve_outtype(options.outtype, [t.dtype for t in tensors if len(t.shape) >= 2])
         options = replace(options, outtype=outtype)
         description = f"Converting {options.model_name or source.name} to GGUF {options.outtype}"
         on_progress(ProgressUpdate(description, 0, len(tensors)))
         with atomic_output(destination) as temporary, _closing(gguf.GGUFWriter(temporary, gguf.MODEL_ARCH_NAMES[arch])) as writer:
             parameters = sum(int(np.prod(t.shape)) for t in tensors)
-            _write_metadata(writer, source, config, options.outtype, options.model_name or source.name, parameters)
+            _write_metadata(writer, source, config, sizes, options.outtype, options.model_name or source.name, parameters)
             architecture.metadata(writer, config)
             extra = _extra_tensors(config)
             planned = [(t, _output_type(t.gguf_name, t.shape, options.outtype)) for t in tensors]
@@ -94,13 +96,6 @@ def _closing(writer: object) -> Iterator[object]:
         writer.close()  # type: ignore[attr-defined]  # on failure too: the temporary file must be closed to go
 
 
-def _required(config: Config, key: str) -> int:
-    value = setting(config, key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise ConversionError(f"config.json has no usable {key!r}, which the conversion needs.", "Check that the checkpoint is complete.")
-    return int(value)
-
-
 def _read_config(folder: Path) -> Config:
     path = folder / "config.json"
     if not path.is_file():
@@ -124,31 +119,32 @@ def _architecture(config: Config) -> Architecture:
     raise ConversionError(f"pocketlm cannot convert {shown} to GGUF yet.", f"Supported: {supported_names()}.")
 
 
-def _tensors(folder: Path, config: Config, arch: object, architecture: Architecture) -> Iterator[_Tensor]:
+def _tensors(folder: Path, config: Config, arch: object, architecture: Architecture, sizes: Hyperparameters) -> list[_Tensor]:
+    """Every tensor to write, with its GGUF name and where its bytes are; headers and shapes are checked first."""
     import gguf
 
     names = sorted(p.name for p in folder.iterdir())
     weights = checkpoint_weight_files(names)
     if not weights:
         raise ConversionError(f"{folder} has no *.safetensors weights.", "Pull or copy the weight files too.")
-    layers = _required(config, "num_hidden_layers")
-    name_map = gguf.get_tensor_name_map(arch, layers)  # type: ignore[arg-type]
+    # Each header is checked whole (known dtypes, byte ranges matching shapes, inside the file) before any data is read.
+    entries = [(folder / file_name, entry) for file_name in weights for entry in read_safetensors_header(folder / file_name).tensors]
+    check_tensors(sizes, ((entry.name, entry.shape) for _, entry in entries))
+    name_map = gguf.get_tensor_name_map(arch, sizes.layers)  # type: ignore[arg-type]
     tied = bool(setting(config, "tie_word_embeddings", False)) or architecture.drops_output
-    for file_name in weights:
-        path = folder / file_name
-        read_safetensors_header(path)  # refuses a truncated file before anything is written
-        for entry in gguf.SafetensorsLocal(path).tensors.items():
-            source_name, local = entry
-            if source_name.endswith(_SKIPPED) or (tied and source_name == "lm_head.weight"):
-                continue
-            gguf_name = name_map.get_name(source_name, try_suffixes=(".weight", ".bias"))
-            if local.dtype not in ("F32", "F16", "BF16"):
-                raise ConversionError(f"{path.name} stores {source_name} as {local.dtype}; only F32, F16 and BF16 checkpoints convert.",
-                                      "An already-quantized checkpoint (GPTQ, FP8, ...) cannot become a GGUF here.")  # fmt: skip
-            if gguf_name is None:
-                raise ConversionError(f"{path.name} holds a tensor pocketlm does not know how to place: {source_name}.",
-                                      "This checkpoint has parts its architecture's converter does not expect.")  # fmt: skip
-            yield _Tensor(source_name, gguf_name, path, local.data_range.offset, local.data_range.size, local.dtype, tuple(local.shape))
+    tensors = []
+    for path, entry in sorted(entries, key=lambda item: (item[0].name, item[1].name)):
+        if entry.name.endswith(_SKIPPED) or (tied and entry.name == "lm_head.weight"):
+            continue
+        if entry.dtype not in ("F32", "F16", "BF16"):
+            raise ConversionError(f"{path.name} stores {entry.name} as {entry.dtype}; only F32, F16 and BF16 checkpoints convert.",
+                                  "An already-quantized checkpoint (GPTQ, FP8, ...) cannot become a GGUF here.")  # fmt: skip
+        gguf_name = name_map.get_name(entry.name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ConversionError(f"{path.name} holds a tensor pocketlm does not know how to place: {entry.name}.",
+                                  "This checkpoint has parts its architecture's converter does not expect.")  # fmt: skip
+        tensors.append(_Tensor(entry.name, gguf_name, path, entry.offset, entry.size, entry.dtype, entry.shape))
+    return tensors
 
 
 def _load(tensor: _Tensor) -> np.ndarray:
@@ -194,30 +190,27 @@ def _extra_tensors(config: Config) -> list[tuple[str, np.ndarray]]:
     return []
 
 
-def _write_metadata(writer: object, folder: Path, config: Config, outtype: str, name: str, parameters: int) -> None:
+def _write_metadata(writer: object, folder: Path, config: Config, sizes: Hyperparameters, outtype: str, name: str, parameters: int) -> None:
     import gguf
 
     w = writer  # a gguf.GGUFWriter
-    hidden, heads = _required(config, "hidden_size"), _required(config, "num_attention_heads")
-    vocab_size = _required(config, "vocab_size")
     # Name, license, base model and the rest of the model card, as llama.cpp's converter reads them.
     metadata = gguf.Metadata.load(None, folder, name.rsplit("/", 1)[-1], parameters)
     w.add_type(gguf.GGUFType.MODEL)  # type: ignore[attr-defined]
     metadata.set_gguf_meta_model(w)  # type: ignore[arg-type]
-    w.add_context_length(int(setting(config, "max_position_embeddings", 2048)))  # type: ignore[attr-defined, arg-type]
-    w.add_embedding_length(hidden)  # type: ignore[attr-defined]
-    w.add_feed_forward_length(_required(config, "intermediate_size"))  # type: ignore[attr-defined]
-    w.add_block_count(_required(config, "num_hidden_layers"))  # type: ignore[attr-defined]
-    w.add_head_count(heads)  # type: ignore[attr-defined]
-    w.add_head_count_kv(int(setting(config, "num_key_value_heads") or heads))  # type: ignore[attr-defined, arg-type]
+    w.add_context_length(sizes.context_length)  # type: ignore[attr-defined]
+    w.add_embedding_length(sizes.hidden_size)  # type: ignore[attr-defined]
+    w.add_feed_forward_length(sizes.intermediate_size)  # type: ignore[attr-defined]
+    w.add_block_count(sizes.layers)  # type: ignore[attr-defined]
+    w.add_head_count(sizes.heads)  # type: ignore[attr-defined]
+    w.add_head_count_kv(sizes.kv_heads)  # type: ignore[attr-defined]
     w.add_layer_norm_rms_eps(float(setting(config, "rms_norm_eps", 1e-6)))  # type: ignore[attr-defined, arg-type]
-    w.add_vocab_size(vocab_size)  # type: ignore[attr-defined]
-    dim = head_dim(config)
+    w.add_vocab_size(sizes.vocab_size)  # type: ignore[attr-defined]
     # Models that rotate only part of each head (Phi-3's partial_rotary_factor) say how much.
-    w.add_rope_dimension_count(int(dim * float(setting(config, "partial_rotary_factor", 1.0))))  # type: ignore[attr-defined, arg-type]
-    if dim != hidden // heads:
-        w.add_key_length(dim)  # type: ignore[attr-defined]
-        w.add_value_length(dim)  # type: ignore[attr-defined]
+    w.add_rope_dimension_count(sizes.rotary_dims)  # type: ignore[attr-defined]
+    if sizes.head_dim * sizes.heads != sizes.hidden_size:
+        w.add_key_length(sizes.head_dim)  # type: ignore[attr-defined]
+        w.add_value_length(sizes.head_dim)  # type: ignore[attr-defined]
     rope = rope_settings(config)
     w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))  # type: ignore[attr-defined, arg-type]
     rope_type = rope["rope_type"]
@@ -232,4 +225,4 @@ def _write_metadata(writer: object, folder: Path, config: Config, outtype: str, 
         raise ConversionError(f"RoPE scaling {rope_type!r} is not supported yet.", "Look for a ready-made GGUF of this model.")
     w.add_file_type(_FILE_TYPES[outtype])  # type: ignore[attr-defined]
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # type: ignore[attr-defined]
-    write_tokenizer(writer, folder, vocab_size)
+    write_tokenizer(writer, folder, sizes.vocab_size)

@@ -77,12 +77,16 @@ def compute_imatrix(checkpoint: Path, text: str, on_progress: ProgressCallback =
         config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ConversionError(f"Cannot read {checkpoint / 'config.json'} to compute the importance matrix ({error}).") from None
-    from pocketlm.converters.gguf_architectures import ARCHITECTURES, setting
+    from pocketlm.converters.gguf_architectures import ARCHITECTURES
 
-    architecture = next((ARCHITECTURES[n] for n in config.get("architectures", []) if n in ARCHITECTURES), None)
+    names = config.get("architectures") if isinstance(config, dict) else None
+    architecture = next((ARCHITECTURES[n] for n in names if isinstance(n, str) and n in ARCHITECTURES), None) if isinstance(names, list) else None
     if architecture is None:
-        raise ConversionError(f"No importance matrix for {config.get('architectures')}: the architecture is not supported.")
-    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, architecture.gguf_arch), int(setting(config, "num_hidden_layers")))  # type: ignore[arg-type]
+        raise ConversionError(f"No importance matrix for {names}: the architecture is not supported.")
+    from pocketlm.converters.checkpoint_checks import read_hyperparameters
+
+    sizes = read_hyperparameters(config, architecture)  # a damaged config.json is refused before transformers builds it
+    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, architecture.gguf_arch), sizes.layers)  # type: ignore[arg-type]
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # pocketlm shows its own progress

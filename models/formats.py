@@ -97,6 +97,13 @@ def _split_parts(path: Path) -> list[Path]:
     return parts
 
 
+def _whole(value: object, default: int) -> int:
+    """A count from a config file, or `default` when it holds none (or nonsense: facts are shown, not relied on)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or not 0 < value < 2**62:
+        return default
+    return int(value)
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -120,7 +127,7 @@ def _inspect_folder(folder: Path) -> ModelFacts:
     config = _read_json(folder / "config.json")
     text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     architecture = str(config.get("model_type") or text_config.get("model_type") or "unknown")
-    context_length = int(config.get("max_position_embeddings") or text_config.get("max_position_embeddings") or 0)
+    context_length = _whole(config.get("max_position_embeddings") or text_config.get("max_position_embeddings"), 0)
     side_files = [folder / n for n in names if n in CHECKPOINT_SIDE_FILES]
     if not weights:
         pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
@@ -134,14 +141,14 @@ def _inspect_folder(folder: Path) -> ModelFacts:
     if quant_config.get("quant_method") == "gptq" or "quantize_config.json" in names:
         if not quant_config:
             quant_config = _read_json(folder / "quantize_config.json")
-        bits = int(quant_config.get("bits", 4))
+        bits = _whole(quant_config.get("bits"), 4)
         group = quant_config.get("group_size", 128)
         params = _parameter_count(headers, bits, skip=(".qzeros", ".scales", ".g_idx"))
         return ModelFacts(ModelFormat.GPTQ, architecture, params, f"GPTQ {bits}-bit g{group}", context_length, files, _size(files))
     mlx_quant = config.get("quantization") if isinstance(config.get("quantization"), dict) else None
     if mlx_quant or any(h.metadata.get("format") == "mlx" for h in headers):
         if mlx_quant:
-            bits = int(mlx_quant.get("bits", 4))
+            bits = _whole(mlx_quant.get("bits"), 4)
             params = _parameter_count(headers, bits, skip=(".scales", ".biases"))
             quantization = f"{bits}-bit g{mlx_quant.get('group_size', 64)}"
         else:

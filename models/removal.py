@@ -1,4 +1,11 @@
-"""Remove a model: unregister it and delete the files that are pocketlm's and that no other model uses."""
+"""Remove a model: unregister it and delete the files that are pocketlm's and that no other model uses.
+
+The order is what keeps the registry and the disk in agreement after a kill -9 at any point: the entry goes first
+(one SQLite statement, committed at once), the files after. Killed in between, the files stay on disk with no entry
+(space lost until pulled or converted again, which reuses them), never an entry pointing at deleted files. An entry
+whose files are already gone (deleted by hand, a disk unplugged) is kept and listed as it is: it may come back, and
+`rm` removes it like any other, with nothing to delete.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ class Removal:
     freed_bytes: int = 0
     kept_shared: list[Path] = field(default_factory=list)  # still used by another model
     kept_not_owned: list[Path] = field(default_factory=list)  # imported, or in the Hub cache before pocketlm pulled it
+    missing: list[Path] = field(default_factory=list)  # already gone from the disk
 
     def summary(self, name: str) -> str:
         """The question to ask before removing: what goes and what stays."""
@@ -27,6 +35,8 @@ class Removal:
             text += f"; {len(self.kept_shared)} file(s) stay, another model uses them"
         if self.kept_not_owned:
             text += "; files pocketlm did not fetch stay where they are"
+        if self.missing:
+            text += f"; {len(self.missing)} of its files {'is' if len(self.missing) == 1 else 'are'} already gone"
         return text + "?"
 
 
@@ -44,7 +54,9 @@ def plan_removal(store: ModelStore, model: LocalModel) -> Removal:
     in_use = {_identity(f) for other in store.list() if other.name != model.name for f in other.files} - {None}
     removal = Removal()
     for path in model.files or (model.path,):
-        if not store.is_owned(path):
+        if not path.exists() and not path.is_symlink():
+            removal.missing.append(path)
+        elif not store.is_owned(path):
             removal.kept_not_owned.append(path)
         elif _identity(path) in in_use:
             removal.kept_shared.append(path)

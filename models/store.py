@@ -11,6 +11,7 @@ from pathlib import Path
 from pocketlm.models.database import connect, migrate
 from pocketlm.models.errors import ModelNotFound
 from pocketlm.models.formats import ModelFacts, inspect_model
+from pocketlm.models.leftovers import sweep_leftovers
 
 _MIGRATIONS = [
     # 1: the first release's table.
@@ -82,6 +83,11 @@ class ModelStore:
         self._lock = threading.Lock()
         with self._lock:
             migrate(self._connection, "models", _MIGRATIONS)
+        # Work a killed pocketlm left in the models folder beside the database (locations.models_dir()).
+        sweep_leftovers(Path(database).parent / "models", self._is_registered)
+
+    def _is_registered(self, path: Path) -> bool:
+        return bool(self.users_of(path) or self.users_of(path.resolve()))
 
     def add(self, model: LocalModel) -> LocalModel:
         """Register `model` and its files, replacing an entry of the same name."""

@@ -152,7 +152,8 @@ class ConvertScreen(Screen[None]):
         except PocketError as error:
             self.app.call_from_thread(self._finished, None, str(error), "error")
         except Exception as error:  # noqa: BLE001 - a surprise in a worker becomes a notification, not a crash
-            self.app.call_from_thread(self._finished, None, f"The conversion failed unexpectedly: {error}", "error")
+            message = f"The conversion failed unexpectedly: {type(error).__name__}: {str(error).rstrip('.')}. This is a bug in pocketlm; please report it."
+            self.app.call_from_thread(self._finished, None, message, "error")
         else:
             self.app.call_from_thread(self._finished, result, f"{result.name} is ready ({human_bytes(result.size_bytes)}).", "information")
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
-import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from pocketlm.converters.hf_to_gguf import HfToGGUF
 from pocketlm.models.errors import Cancelled, ModelFileError
 from pocketlm.models.progress import ProgressUpdate, ignore_progress
 from tests.app.test_cli import assert_clean_failure, pocketlm
+from tests.fixtures import pocketlm_executable
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -93,18 +95,42 @@ def test_a_config_missing_a_size_is_one_sentence(checkpoint_copy: Path, tmp_path
     assert leftovers(tmp_path) == ["checkpoint"]
 
 
-def test_no_room_to_write_is_one_sentence_and_leaves_nothing(starter_checkpoint: Path, pocket_home: Path) -> None:
-    # A 50 MB file-size limit stands in for a full disk: the write fails the same way, midway (EFBIG, not ENOSPC).
-    script = (
-        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN);"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (50 * 2**20, 50 * 2**20));"
-        "from pocketlm.app.cli import main; sys.argv = ['pocketlm', 'convert', sys.argv[1]]; main()"
-    )
-    result = subprocess.run([sys.executable, "-c", script, str(starter_checkpoint)], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "POCKETLM_HOME": str(pocket_home)})  # fmt: skip
+def file_size_limit(limit: int) -> Callable[[], None]:
+    """For `preexec_fn`: the child may write no file past `limit` bytes, as if the disk were that full. (Python ignores
+    SIGXFSZ, so the write fails with EFBIG instead of killing the process.)"""
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def run_on_a_full_disk(limit: int, home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([pocketlm_executable(), *args], capture_output=True, text=True, timeout=600, preexec_fn=file_size_limit(limit),
+                          env={**os.environ, "POCKETLM_HOME": str(home)})  # fmt: skip
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*"))
+
+
+def test_no_room_to_write_during_convert_is_one_sentence_and_leaves_nothing(starter_checkpoint: Path, pocket_home: Path) -> None:
+    # The f16 (270 MB) fails midway at 50 MB: EFBIG where a full disk gives ENOSPC, the same failed write.
+    result = run_on_a_full_disk(50 * 2**20, pocket_home, "convert", str(starter_checkpoint), "--quant", "Q4_K_M")
     assert_clean_failure(result, "There was no room to write")
-    models = pocket_home / "models"
-    assert [p for p in models.rglob("*") if p.is_file()] == []
+    assert files_in(pocket_home / "models") == []
+    listed = pocketlm("ls", home=pocket_home)
+    assert "Q4_K_M" not in listed.stdout and "F16" not in listed.stdout
+
+
+def test_no_room_to_write_during_quantize_is_one_sentence_and_leaves_nothing(converted_f16: Path, pocket_home: Path) -> None:
+    imported = pocketlm("import", str(converted_f16), "--name", "smol-f16", home=pocket_home)
+    assert imported.returncode == 0, imported.stderr
+    # llama.cpp's own writer hits the limit (Q4_K_M of this model is about 100 MB).
+    result = run_on_a_full_disk(20 * 2**20, pocket_home, "quantize", "smol-f16", "Q4_K_M")
+    assert_clean_failure(result, "There was no room to write smol-f16-Q4_K_M.gguf while quantizing to Q4_K_M; nothing was kept.")
+    assert files_in(pocket_home / "models") == []
+    assert "Q4_K_M" not in pocketlm("ls", home=pocket_home).stdout
 
 
 def test_cli_convert_quantize_and_lineage(starter_checkpoint: Path, pocket_home: Path) -> None:

@@ -87,3 +87,31 @@ def train_sentencepiece_tokenizer(destination: Path) -> Path:
               "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}  # fmt: skip
     (destination / "tokenizer_config.json").write_text(json.dumps(config))
     return destination
+
+
+def edit_config(folder: Path, **changes: object) -> None:
+    """Change config.json's keys in `folder` (a value of None removes the key)."""
+    import json
+
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+
+
+def rewrite_safetensors_header(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    """Let `edit` change `path`'s header (a dict, in place) and write it back in front of the same data bytes."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    edit(header)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header with spaces to keep the data aligned
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length :])

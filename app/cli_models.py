@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import sys
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
+from pocketlm.app.interrupts import ctrl_c_sets, in_worker
+
 if TYPE_CHECKING:
     from pocketlm.models.store import ModelStore
-
 
 def _store() -> ModelStore:
     from pocketlm.models.locations import database_path
@@ -84,18 +86,22 @@ def pull(spec: str, allow_pickle: bool) -> None:
     from pocketlm.models.pull import parse_pull_spec, plan_pull, run_pull
 
     console = _console()
-    with console.status(f"Looking up {spec} on the Hub…"):
-        plan = plan_pull(parse_pull_spec(spec), allow_pickle)
-    what = f"{len(plan.files)} file{'s' if len(plan.files) > 1 else ''}, {human_bytes(plan.total_bytes)}"
-    console.print(f"[bold]{plan.name}[/bold] ({what}{', from the local cache' if plan.repo.from_cache else ''})")
-    if plan.other_quants:
-        console.print("[dim]Also available: " + ", ".join(f"{c.quant} ({human_bytes(c.size_bytes)})" for c in plan.other_quants) + "[/dim]")
-    store = _store()
-    try:
-        with rich_progress(console) as show_progress:
-            model = run_pull(plan, store, show_progress)
-    except KeyboardInterrupt:
-        raise Cancelled(f"Pull of {plan.name} interrupted; what was downloaded is kept.", f"Run `pocketlm pull {spec}` again to resume.") from None
+    cancel = threading.Event()
+    with ctrl_c_sets(cancel):
+        with console.status(f"Looking up {spec} on the Hub…"):
+            # The lookup writes nothing: a Ctrl-C leaves it to finish (or time out) on its own.
+            stopped = Cancelled(f"Pull of {spec} stopped during the lookup; nothing was downloaded.")
+            plan = in_worker(lambda: plan_pull(parse_pull_spec(spec), allow_pickle), cancel, abandon_with=stopped)
+        what = f"{len(plan.files)} file{'s' if len(plan.files) > 1 else ''}, {human_bytes(plan.total_bytes)}"
+        console.print(f"[bold]{plan.name}[/bold] ({what}{', from the local cache' if plan.repo.from_cache else ''})")
+        if plan.other_quants:
+            console.print("[dim]Also available: " + ", ".join(f"{c.quant} ({human_bytes(c.size_bytes)})" for c in plan.other_quants) + "[/dim]")
+        store = _store()
+        try:
+            with rich_progress(console) as show_progress:
+                model = in_worker(lambda: run_pull(plan, store, show_progress, cancel), cancel)
+        except Cancelled:
+            raise Cancelled(f"Pull of {plan.name} interrupted; what was downloaded is kept.", f"Run `pocketlm pull {spec}` again to resume.") from None
     click.echo(f"{model.name} is ready ({model.format}, {human_bytes(model.size_bytes)}): pocketlm chat {model.name}")
 
 
@@ -167,6 +173,8 @@ def rm(model: str, yes: bool) -> None:
         click.echo(f"Removed {found.name}, freed {human_bytes(removal.freed_bytes)}.")
     elif removal.kept_not_owned:
         click.echo(f"Removed {found.name} from the store; its files stay where they are (pocketlm did not fetch them).")
+    elif removal.missing and not removal.kept_shared:
+        click.echo(f"Removed {found.name} from the store; its files were already gone.")
     else:
         click.echo(f"Removed {found.name}; its files stay, other models use them.")
 

@@ -7,6 +7,8 @@ Settings are read from the environment at each call (not at import, as `huggingf
 from __future__ import annotations
 
 import os
+import re
+import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,6 +25,8 @@ SearchSort = Literal["downloads", "likes", "updated"]
 SEARCH_FORMATS = ("gguf", "mlx", "gptq", "safetensors")
 _SORT_KEYS = {"downloads": "downloads", "likes": "likes", "updated": "lastModified"}  # the Hub API's names
 _API_TIMEOUT_S = 30
+# A checksum or commit id becomes a file or folder name in the cache: a short token that cannot leave its folder.
+_SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 def hub_endpoint() -> str:
@@ -104,7 +108,7 @@ def hub_errors(repo_id: str = "", revision: str | None = None, filename: str | N
     except errors.RevisionNotFoundError:
         raise HubError(f"{repo_id} has no branch, tag or commit {revision!r}.", f"See {endpoint}/{repo_id}/tree/main.") from None
     except errors.RemoteEntryNotFoundError:
-        raise HubError(f"{repo_id} has no file {filename!r}.", f"See the files at {endpoint}/{repo_id}/tree/main.") from None
+        raise _missing_file(repo_id, revision, filename) from None
     except errors.OfflineModeIsEnabled:
         raise HubError(f"HF_HUB_OFFLINE is set and {repo_id or 'this'} is not in the local cache ({hub_cache_dir()}).",
                        "Unset HF_HUB_OFFLINE to download it.") from None  # fmt: skip
@@ -112,6 +116,8 @@ def hub_errors(repo_id: str = "", revision: str | None = None, filename: str | N
         status = error.response.status_code if error.response is not None else "?"
         if status in (401, 403):
             raise HubError(f"The Hub refused access to {repo_id} (HTTP {status}); your token may be invalid or expired.", login_hint) from None
+        if status == 404 and filename:  # the file's URL (or its CDN location) answers 404 without the Hub's error code
+            raise _missing_file(repo_id, revision, filename) from None
         raise HubError(f"The Hub answered HTTP {status} for {repo_id or endpoint}.", "Try again in a moment.") from None
     except (httpx2.TransportError, ConnectionError) as error:
         raise HubUnreachable(f"Cannot reach the Hugging Face Hub at {endpoint} ({type(error).__name__}).",
@@ -122,6 +128,39 @@ def hub_errors(repo_id: str = "", revision: str | None = None, filename: str | N
         # A login page or a proxy's error page in place of the Hub's JSON, a redirect loop, missing Hub headers.
         raise HubError(f"{endpoint} did not answer like the Hugging Face Hub ({type(error).__name__}).",
                        "A proxy or captive portal may be in the way: open a web page to check, or set HF_ENDPOINT.") from None  # fmt: skip
+
+
+def _missing_file(repo_id: str, revision: str | None, filename: str | None) -> HubError:
+    revision = revision or "main"
+    return HubError(f"{repo_id} lists {filename!r}, but the Hub has no such file at revision {revision}.",
+                    f"Pick another file or quant; see {hub_endpoint()}/{repo_id}/tree/{revision}.")  # fmt: skip
+
+
+def checked_file_name(repo_id: str, name: str) -> str:
+    """`name` if it is a plain relative path that stays inside a folder; a hostile repo's file list is refused."""
+    components = name.split("/")
+    # A drive ("C:x") or a backslash is a path on Windows; control characters (NUL above all) are never a file name.
+    hostile = (
+        not name or "\\" in name or any(unicodedata.category(c) == "Cc" for c in name)
+        or any(c in ("", ".", "..") for c in components) or re.match(r"[A-Za-z]:", name)
+    )  # fmt: skip
+    if hostile:
+        raise HubError(f"{repo_id} lists a file named {name!r}, which is not a safe path inside its folder; the repo is refused and nothing was written.",
+                       "Pull from another repo, or report this one to its authors.")  # fmt: skip
+    return name
+
+
+def checked_token(repo_id: str, what: str, value: str | None) -> str | None:
+    """A checksum, ETag or commit id from the Hub, without quotes or W/, if it is a short token of safe characters."""
+    if value is None:
+        return None
+    token = value.strip()
+    token = token.removeprefix("W/").strip('"')
+    if not _SAFE_TOKEN.fullmatch(token):
+        shown = token if len(token) <= 80 else token[:80] + "…"
+        raise HubError(f"{repo_id} gives {what} as {shown!r}, which is not a plain id of letters and digits; the repo is refused and nothing was written.",
+                       "Pull from another repo, or try again later.")  # fmt: skip
+    return token
 
 
 def search_models(query: str, format: str | None = None, sort: SearchSort = "downloads", limit: int = 20) -> list[SearchResult]:
@@ -187,11 +226,17 @@ def list_repo(repo_id: str, revision: str | None = None) -> RemoteRepo:
     api = HfApi(endpoint=hub_endpoint())
     with hub_errors(repo_id, revision):
         info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=_API_TIMEOUT_S)
+    # Nothing the Hub says reaches a path unchecked: names, checksums (each names a blob) and the commit (a folder).
     files = tuple(
-        RemoteFile(s.rfilename, s.lfs.size if s.lfs else (s.size or 0), s.lfs.sha256 if s.lfs else None, s.blob_id)
+        RemoteFile(
+            checked_file_name(repo_id, s.rfilename),
+            s.lfs.size if s.lfs else (s.size or 0),
+            checked_token(repo_id, f"the checksum of {s.rfilename!r}", s.lfs.sha256 if s.lfs else None),
+            checked_token(repo_id, f"the git id of {s.rfilename!r}", s.blob_id),
+        )
         for s in info.siblings or []
     )
-    return RemoteRepo(repo_id, revision or "main", info.sha or "", files)
+    return RemoteRepo(repo_id, revision or "main", checked_token(repo_id, "its commit id", info.sha) or "", files)
 
 
 def cached_repo(repo_id: str, revision: str | None = None) -> RemoteRepo:

@@ -23,14 +23,20 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
+from pocketlm.models.durable import durable_replace, fsync_path
 from pocketlm.models.errors import Cancelled, HubError, HubUnreachable, ModelFileError, NotEnoughDisk
 from pocketlm.models.hub import RemoteFile, RemoteRepo, hub_endpoint, hub_errors, repo_cache_dir
+from pocketlm.models.leftovers import partial_name, sweep_leftovers
 
 PARTIAL_SUFFIX = ".pocketlm-partial"
 _CHUNK_BYTES = 1 << 20
 _ATTEMPTS_WITHOUT_PROGRESS = 5
 _CONTENT_RANGE_START = re.compile(r"bytes (\d+)-")
 _RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
+_LOCK_POLL_S = 0.25
+# How long another process may hold a file's download lock while its download does not grow (a stalled network).
+_LOCK_PATIENCE_S = 180
+_NO_ROOM = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}  # a full disk, a quota, a file-size limit (ulimit -f)
 
 
 @dataclass(frozen=True)
@@ -40,11 +46,11 @@ class CachedFile:
 
 
 def snapshot_path(repo: RemoteRepo, file: RemoteFile) -> Path:
-    return repo_cache_dir(repo.repo_id) / "snapshots" / repo.commit / file.name
+    return _inside_repo_cache(repo, repo_cache_dir(repo.repo_id) / "snapshots" / repo.commit / file.name)
 
 
 def blob_path(repo: RemoteRepo, file: RemoteFile) -> Path:
-    return repo_cache_dir(repo.repo_id) / "blobs" / file.etag
+    return _inside_repo_cache(repo, repo_cache_dir(repo.repo_id) / "blobs" / file.etag)
 
 
 def partial_path(repo: RemoteRepo, file: RemoteFile) -> Path:
@@ -65,16 +71,21 @@ def remember_revision(repo: RemoteRepo) -> None:
     """Record which commit a branch or tag pointed at, as `huggingface_hub` does, so offline use finds it."""
     if repo.revision == repo.commit:
         return
-    ref = repo_cache_dir(repo.repo_id) / "refs" / repo.revision
+    ref = _inside_repo_cache(repo, repo_cache_dir(repo.repo_id) / "refs" / repo.revision)
     with _cache_writes(ref.parent):
         ref.parent.mkdir(parents=True, exist_ok=True)
-        temporary = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
+        sweep_leftovers(ref.parent)  # a temporary of a pull killed right here
+        temporary = ref.with_name(partial_name(ref.name, os.getpid()))
         temporary.write_text(repo.commit)
-        os.replace(temporary, ref)
+        durable_replace(temporary, ref)
 
 
-def download_file(repo: RemoteRepo, file: RemoteFile, on_bytes: Callable[[int], None], cancel: threading.Event) -> CachedFile:
-    """`file` in the cache, fetching what is missing; `on_bytes(n)` hears of every chunk (and of bytes already here)."""
+def download_file(repo: RemoteRepo, file: RemoteFile, on_bytes: Callable[[int], None], cancel: threading.Event,
+                  on_wait: Callable[[str], None] = lambda message: None) -> CachedFile:  # fmt: skip
+    """`file` in the cache, fetching what is missing; `on_bytes(n)` hears of every chunk (and of bytes already here).
+
+    `on_wait` hears a sentence when another process is fetching the same file and this one waits for it.
+    """
     pointer = snapshot_path(repo, file)
     if pointer.is_file():
         on_bytes(file.size)
@@ -85,11 +96,7 @@ def download_file(repo: RemoteRepo, file: RemoteFile, on_bytes: Callable[[int], 
     fetched = False
     with _cache_writes(blob.parent):
         if not blob.is_file():
-            from huggingface_hub.utils import WeakFileLock
-
-            locks = repo_cache_dir(repo.repo_id).parent / ".locks" / repo_cache_dir(repo.repo_id).name
-            locks.mkdir(parents=True, exist_ok=True)
-            with WeakFileLock(locks / f"{file.etag}.lock"):  # the lock huggingface_hub takes for the same blob
+            with _blob_lock(repo, file, cancel, on_wait):
                 if not blob.is_file():
                     _transfer(repo, file, blob, on_bytes, cancel)
                     fetched = True
@@ -97,6 +104,56 @@ def download_file(repo: RemoteRepo, file: RemoteFile, on_bytes: Callable[[int], 
             on_bytes(file.size)
         _link(blob, pointer)
     return CachedFile(pointer, fetched)
+
+
+@contextmanager
+def _blob_lock(repo: RemoteRepo, file: RemoteFile, cancel: threading.Event, on_wait: Callable[[str], None]) -> Iterator[None]:
+    """The lock `huggingface_hub` takes on the same blob, so two downloads of one file never write it at once.
+
+    Taken by polling rather than one blocking call: a cancel stops the wait at once, the user hears why nothing
+    moves, and a holder that makes no progress for `_LOCK_PATIENCE_S` is given up on with a sentence.
+    """
+    from filelock import FileLock, Timeout  # falls back to a soft lock where the file system has no flock
+
+    storage = repo_cache_dir(repo.repo_id)
+    locks = storage.parent / ".locks" / storage.name
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(locks / f"{file.etag}.lock", mode=0o664)  # group-writable, as huggingface_hub makes it
+    waited_since: float | None = None
+    seen = (-1, 0.0)  # the holder's bytes on disk, and when they last changed
+    while True:
+        try:
+            lock.acquire(timeout=_LOCK_POLL_S)
+            break
+        except Timeout:
+            pass
+        now = time.monotonic()
+        if cancel.is_set():
+            raise Cancelled(f"Stopped waiting for another pocketlm that is pulling {file.name}; nothing of it was fetched by this one.")
+        if waited_since is None:
+            waited_since = now
+            on_wait(f"Another pocketlm is pulling {file.name}; waiting…")
+        # The holder's partial file (pocketlm's, or huggingface_hub's .incomplete) growing means it is making progress.
+        held = _bytes_being_fetched(blob_path(repo, file).parent, file.etag)
+        if held != seen[0]:
+            seen = (held, now)
+        elif now - seen[1] > _LOCK_PATIENCE_S:
+            raise HubError(f"Another pocketlm has been pulling {file.name} for {(now - waited_since) / 60:.0f} minutes and has made no progress "
+                           f"for {_LOCK_PATIENCE_S // 60} minutes.", "Stop the other pull (or let it finish), then pull again.")  # fmt: skip
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _bytes_being_fetched(blobs: Path, etag: str) -> int:
+    total = 0
+    for path in blobs.glob(f"{etag}.*"):  # the etag is checked: letters, digits, ".", "_" and "-", no pattern characters
+        try:
+            total += path.stat().st_size
+        except OSError:  # renamed into place between the listing and the stat
+            pass
+    return total
 
 
 def _transfer(repo: RemoteRepo, file: RemoteFile, blob: Path, on_bytes: Callable[[int], None], cancel: threading.Event) -> None:
@@ -137,7 +194,8 @@ def _transfer(repo: RemoteRepo, file: RemoteFile, blob: Path, on_bytes: Callable
             f"got {have:,} bytes with {digest}); the download was discarded.",
             "Pull again; if it fails again, the file on the Hub or a proxy in between is damaged.",
         )
-    os.replace(partial, blob)
+    os.replace(partial, blob)  # its data was synced above
+    fsync_path(blob.parent)
 
 
 class _Retryable(Exception):
@@ -258,13 +316,25 @@ def _interrupt(response: object) -> None:
 
 def _link(blob: Path, pointer: Path) -> None:
     pointer.parent.mkdir(parents=True, exist_ok=True)
-    temporary = pointer.with_name(f".{pointer.name}.{os.getpid()}.link")
+    sweep_leftovers(pointer.parent)  # the link of a pull killed right here
+    temporary = pointer.with_name(partial_name(pointer.name, os.getpid()))
     temporary.unlink(missing_ok=True)
     try:
         os.symlink(os.path.relpath(blob, pointer.parent), temporary)
     except OSError:  # no symlinks here (some Windows setups): a copy, as huggingface_hub does then
         shutil.copyfile(blob, temporary)
     os.replace(temporary, pointer)
+    fsync_path(pointer.parent)
+
+
+def _inside_repo_cache(repo: RemoteRepo, path: Path) -> Path:
+    """`path` if it lies inside the repo's cache folder: a second guard, behind the checks on what the Hub sends."""
+    root = repo_cache_dir(repo.repo_id)
+    # The folder resolved (links and ".." followed), the name kept: a snapshot entry is itself a link to its blob.
+    if path.name in ("", ".", "..") or not (path.parent.resolve() / path.name).is_relative_to(root.resolve()):
+        raise HubError(f"{repo.repo_id}: the Hub's answer would put a file at {path}, outside the repo's cache folder {root}; nothing was written.",
+                       "Pull from another repo, or report this one to its authors.")  # fmt: skip
+    return path
 
 
 @contextmanager
@@ -275,7 +345,8 @@ def _cache_writes(where: Path) -> Iterator[None]:
     except OSError as error:
         if isinstance(error, ConnectionError) or error.errno is None:
             raise
-        if error.errno == errno.ENOSPC:
-            raise NotEnoughDisk(f"The disk holding {where} filled up during the download.", "Free some space, then pull again to resume.") from None
+        if error.errno in _NO_ROOM:
+            raise NotEnoughDisk(f"No room to write the download in {where} ({error.strerror or error}).",
+                                "Free some space (or raise the file-size limit), then pull again to resume.") from None  # fmt: skip
         raise HubError(f"Cannot write to the Hugging Face cache at {where}: {error.strerror or error}.",
                        "Check that HF_HOME (or HF_HUB_CACHE) is writable.") from None  # fmt: skip

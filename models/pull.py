@@ -7,7 +7,7 @@ import shutil
 import threading
 from dataclasses import dataclass, replace
 
-from pocketlm.models.errors import HubError, ModelFileError, NotEnoughDisk
+from pocketlm.models.errors import Cancelled, HubError, ModelFileError, NotEnoughDisk
 from pocketlm.models.fit import gib, human_bytes
 from pocketlm.models.formats import CHECKPOINT_SIDE_FILES, checkpoint_weight_files, inspect_model
 from pocketlm.models.gguf_quants import GGUFChoice, default_choice, gguf_choices
@@ -137,13 +137,18 @@ def run_pull(plan: PullPlan, store: ModelStore, on_progress: ProgressCallback = 
         done += n_bytes
         on_progress(ProgressUpdate(description, done, total))
 
+    def waiting(message: str) -> None:
+        on_progress(ProgressUpdate(message, done, total))
+
     on_progress(ProgressUpdate(description, 0, total))
     fetched = False
     for file in plan.files:
+        if cancel.is_set():  # also between files, and before the first: a Ctrl-C during the lookup counts
+            raise Cancelled(f"Stopped pulling {plan.name}; what was downloaded is kept for next time.")
         if plan.repo.from_cache:
             advance(file.size)
         else:
-            fetched |= download_file(plan.repo, file, advance, cancel).fetched
+            fetched |= download_file(plan.repo, file, advance, cancel, waiting).fetched
     if not plan.repo.from_cache:
         remember_revision(plan.repo)
     return register_pulled(plan, store, fetched)

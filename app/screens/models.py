@@ -19,7 +19,7 @@ from textual.widgets.option_list import Option
 
 from pocketlm.app.model_details import detail_rows, origin, parameters
 from pocketlm.app.screens.dialogs import ConfirmDialog
-from pocketlm.models.errors import Cancelled, PocketError
+from pocketlm.models.errors import Cancelled, HubUnreachable, PocketError
 from pocketlm.models.fit import human_bytes
 from pocketlm.models.hub import SearchResult
 from pocketlm.models.progress import ProgressUpdate
@@ -67,7 +67,9 @@ class ModelsScreen(Screen[None]):
                     yield Select([(f, f) for f in ("gguf", "mlx", "gptq", "safetensors")], prompt="any format", id="hub-format")
                     yield Select([("downloads", "downloads"), ("likes", "likes"), ("updated", "updated")], value="downloads",
                                  allow_blank=False, id="hub-sort")  # fmt: skip
-                with Horizontal():
+                # In place of the results while the Hub cannot be reached; the next search that gets an answer clears it.
+                yield Static(id="hub-offline")
+                with Horizontal(id="hub-browser"):
                     yield DataTable(id="hub-results", cursor_type="row", zebra_stripes=True)
                     with Vertical(id="hub-files-pane"):
                         yield Label("Files to pull", classes="title")
@@ -88,6 +90,7 @@ class ModelsScreen(Screen[None]):
         for key, label in (("repo", "Model"), ("downloads", "Downloads"), ("likes", "Likes"), ("updated", "Updated"), ("formats", "Formats")):
             results.add_column(label, key=key)
         self.query_one("#pull-panel").display = False
+        self.query_one("#hub-offline").display = False
         self.refresh_local()
 
     def on_screen_resume(self) -> None:
@@ -220,6 +223,10 @@ class ModelsScreen(Screen[None]):
 
         try:
             results = search_models(query, model_format, sort, limit=30)  # type: ignore[arg-type]
+        except HubUnreachable as error:
+            if not get_current_worker().is_cancelled:
+                self.app.call_from_thread(self._show_unreachable, error)
+            return
         except PocketError as error:
             if not get_current_worker().is_cancelled:
                 self.app.call_from_thread(self._search_failed, str(error))
@@ -235,7 +242,25 @@ class ModelsScreen(Screen[None]):
         self.query_one("#hub-results", DataTable).loading = False
         self.notify(message, title="Search failed", severity="error", timeout=15)
 
+    def _show_unreachable(self, error: HubUnreachable) -> None:
+        """A state of the tab, not a toast that vanishes: nothing else on it works until the Hub answers."""
+        self.query_one("#hub-results", DataTable).loading = False
+        self._set_hub_reachable(False)
+        self.query_one("#hub-offline", Static).update(
+            f"[b]Can't reach the Hugging Face Hub.[/b]\n\n{error.message}\n\n"
+            "Local models still work (the Local tab). Check your connection, then retry with Ctrl+F and Enter."
+        )
+
+    def _set_hub_reachable(self, reachable: bool) -> None:
+        self.query_one("#hub-offline").display = not reachable
+        self.query_one("#hub-browser").display = reachable
+
+    @property
+    def hub_unreachable(self) -> bool:
+        return bool(self.query_one("#hub-offline").display)
+
     def _show_results(self, results: list[SearchResult]) -> None:
+        self._set_hub_reachable(True)
         table = self.query_one("#hub-results", DataTable)
         table.loading = False
         table.clear()

@@ -78,3 +78,14 @@ def test_ctrl_c_keeps_the_partial_download_and_the_next_pull_resumes(loopback_hu
     resumed = pocketlm("pull", f"{GGUF_REPO}:Q4_1", home=pocket_home)
     assert resumed.returncode == 0, resumed.stderr
     assert loopback_hub.transfers_of(STARTER_FILE)[-1].range_start == kept
+
+
+def test_removing_a_model_whose_files_are_gone_says_so(pocket_home: Path, tmp_path: Path, starter_gguf: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "gone-soon.gguf"
+    shutil.copyfile(starter_gguf, copy)
+    assert pocketlm("import", str(copy), home=pocket_home).returncode == 0
+    copy.unlink()
+    removed = pocketlm("rm", "-y", "gone-soon", home=pocket_home)
+    assert removed.returncode == 0 and "Removed gone-soon from the store; its files were already gone." in removed.stdout

@@ -143,3 +143,32 @@ async def test_delete_asks_first(loopback_hub: LoopbackHub, store_with_starter: 
         await wait_for(pilot, lambda: app.store.get(TINY_CHECKPOINT) is None)
         assert displayed(table) == ["SmolLM2-135M-Instruct"]
         assert not any(p.exists() for p in model.files)
+
+
+async def test_an_unreachable_hub_is_a_state_of_the_hub_tab_until_a_search_gets_an_answer(
+    loopback_hub: LoopbackHub, store_with_starter: ModelStore, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    # A port bound but not listening: every connection to it is refused, on any machine, while the socket is open.
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+    app = PocketApp()
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            screen = await open_models(pilot)
+            await pilot.press("ctrl+f")
+            screen.query_one("#hub-query", Input).value = "smollm2"
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: screen.hub_unreachable)
+            offline = str(screen.query_one("#hub-offline", Static).render())
+            assert "Can't reach the Hugging Face Hub." in offline and "Local models still work" in offline and "Ctrl+F" in offline
+            assert not screen.query_one("#hub-browser").display  # in place of the results, until the Hub answers
+
+            monkeypatch.setenv("HF_ENDPOINT", loopback_hub.url)  # the network is back
+            table = await search(pilot, screen, "smollm2")
+            assert not screen.hub_unreachable and screen.query_one("#hub-browser").display
+            assert displayed(table) == [GGUF_REPO]
+    finally:
+        closed.close()

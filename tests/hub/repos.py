@@ -131,3 +131,18 @@ def fixture_repos(starter: bytes) -> list[HubRepo]:
     huge = HubRepo(HUGE_REPO, {"huge-405B-Q4_K_M.gguf": HubFile(small_gguf(LlamaFileType.MOSTLY_Q4_K_M), claimed_size=50 * 2**40)},
                    tags=["gguf", "llama"], downloads=7000, likes=900)  # fmt: skip
     return [gguf_repo, checkpoint, gated, pickle_only, bad, huge]
+
+
+HOSTILE_OWNER = "pocketlm-hostile"
+
+
+def hostile_repo(case: str, files: dict[str, HubFile], commit: str | None = None) -> HubRepo:
+    """A repo as a hostile (or broken) Hub would describe it; tests add it to the running server's repos."""
+    return HubRepo(f"{HOSTILE_OWNER}/{case}", files, tags=["gguf"], claimed_commit=commit)
+
+
+def small_q4_k_m(**claims: object) -> HubFile:
+    """A small, valid Q4_K_M GGUF file; `claims` state what the metadata says about it (checksums, missing)."""
+    from gguf import LlamaFileType
+
+    return HubFile(small_gguf(LlamaFileType.MOSTLY_Q4_K_M), **claims)  # type: ignore[arg-type]

@@ -8,7 +8,9 @@ It serves the endpoints the client calls for what pocketlm does, with the header
 - `GET /cdn/{sha256}/{path}` with `Range` (206 + `Content-Range`),
 - errors with the Hub's `X-Error-Code` header: RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo.
 
-Every transfer is logged (range asked, bytes sent), and a transfer can be cut midway, to test resuming.
+Every transfer is logged (range asked, bytes sent), and a transfer can be cut midway, to test resuming. A repo can
+state what a hostile or broken Hub would: file names that climb out of a folder, ETags and commit ids that are
+paths, files it lists but does not have.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class HubFile:
     lfs: bool = True  # the Hub stores weights with LFS; small text files are plain git blobs
     claimed_sha256: str | None = None  # the checksum the Hub's metadata states, when it should not match
     claimed_size: int | None = None  # the size the metadata states (a model too big for the disk)
+    claimed_git_oid: str | None = None  # the git blob id the metadata states (a hostile one: "../x", too long)
+    missing: bool = False  # listed in the repo's metadata, but its URL answers 404
 
     @property
     def sha256(self) -> str:
@@ -39,7 +43,7 @@ class HubFile:
 
     @property
     def git_oid(self) -> str:
-        return hashlib.sha1(b"blob %d\0" % len(self.content) + self.content).hexdigest()
+        return self.claimed_git_oid or hashlib.sha1(b"blob %d\0" % len(self.content) + self.content).hexdigest()
 
 
 @dataclass
@@ -52,10 +56,11 @@ class HubRepo:
     downloads: int = 0
     likes: int = 0
     last_modified: str = "2026-10-01T12:00:00.000Z"
+    claimed_commit: str | None = None  # the commit id the metadata states (a hostile one)
 
     @property
     def commit(self) -> str:
-        return hashlib.sha1(self.repo_id.encode()).hexdigest()
+        return self.claimed_commit or hashlib.sha1(self.repo_id.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -211,7 +216,7 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
             if repo.gated and not self._authorised():
                 return self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted.", head)
             file = repo.files.get(file_name)
-            if file is None:
+            if file is None or file.missing:
                 return self._error(404, "EntryNotFound", f"{file_name} does not exist", head, commit=repo.commit)
             headers = {"X-Repo-Commit": repo.commit, "Accept-Ranges": "bytes"}
             if file.lfs:

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 
 from pocketlm.app.history import ConversationStore
-from pocketlm.backends.base import ChatModel, GenerationEvent, GenerationStats, SamplingParams, TextPiece
+from pocketlm.backends.base import ChatMessage, ChatModel, GenerationEvent, GenerationStats, SamplingParams, TextPiece
 
 
 def reply(
@@ -17,24 +17,28 @@ def reply(
     sampling: SamplingParams,
     cancel: threading.Event | None = None,
 ) -> Iterator[GenerationEvent]:
-    """Store `user_text`, stream the model's answer, and store each piece before the caller shows it."""
-    history.add_message(conversation_id, "user", user_text)
-    messages = history.chat_messages(conversation_id)
-    reply_id = history.add_message(conversation_id, "assistant", "", status="streaming", model=model.description.name)
+    """Store `user_text` with an empty reply, stream the model's answer, and store it in batches as it comes.
+
+    A piece reaches the database before the caller shows it or in the next batch (BATCH_SECONDS later at most), so a
+    process killed mid-reply loses at most the last batch window.
+    """
+    messages = [*history.chat_messages(conversation_id), ChatMessage("user", user_text)]
+    writer = history.begin_reply(conversation_id, user_text, model=model.description.name)
     finished = False
     try:
         for event in model.stream_chat(messages, sampling, cancel):
             if isinstance(event, TextPiece):
-                history.append_to_message(reply_id, event.text)
+                writer.write(event.text)
             elif isinstance(event, GenerationStats):
-                history.finish_message(reply_id, "cancelled" if event.stop_reason == "cancelled" else "complete", event)
+                writer.finish("cancelled" if event.stop_reason == "cancelled" else "complete", event)
                 finished = True
             yield event
     except (GeneratorExit, KeyboardInterrupt):
         # The reader stopped listening (Ctrl-C, a closed pipe): keep what was streamed, as a cancel would.
         if not finished:
-            history.finish_message(reply_id, "cancelled")
+            writer.finish("cancelled")
         raise
     except Exception:
-        history.finish_message(reply_id, "failed")
+        if not finished:
+            writer.finish("failed")
         raise

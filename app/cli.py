@@ -21,13 +21,16 @@ if TYPE_CHECKING:
 
 
 class PocketGroup(click.Group):
-    """Turns a PocketError into its sentence on stderr and exit code 1; tracebacks only with --debug."""
+    """Turns a PocketError into its sentence on stderr and exit code 1, and any other exception into a sentence naming
+    it (a bug to report, never a traceback in the user's face); tracebacks only with --debug."""
 
     def invoke(self, ctx: click.Context) -> object:
         from pocketlm.models.errors import PocketError
 
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # usage errors, --help, ctx.exit(): click reports and exits as it always does
         except PocketError as error:
             if ctx.params.get("debug"):
                 raise
@@ -44,6 +47,14 @@ class PocketGroup(click.Group):
                 raise
             click.secho(f"Error: {error}", fg="red", err=True)
             click.echo("Check that pocketlm's data directory (POCKETLM_HOME) is writable and the disk is not full.", err=True)
+            ctx.exit(exit_codes.ERROR)
+        except Exception as error:  # noqa: BLE001 - the last net: whatever a command did not foresee is one sentence
+            if ctx.params.get("debug"):
+                raise
+            command = " ".join(filter(None, ["pocketlm", ctx.invoked_subcommand]))
+            click.secho(f"Error: {command} failed unexpectedly: {type(error).__name__}: {error}", fg="red", err=True)
+            rerun = " ".join(filter(None, ["pocketlm --debug", ctx.invoked_subcommand, "..."]))
+            click.echo(f"This is a bug in pocketlm: run `{rerun}` to see the traceback, and report it with that output.", err=True)
             ctx.exit(exit_codes.ERROR)
 
 
@@ -135,20 +146,27 @@ def _install_starter(store: ModelStore, console: Console):  # type: ignore[no-un
 
 
 def _load(model_query: str | None, interactive: bool, options: LoadOptions, backend: str | None, console: Console):  # type: ignore[no-untyped-def]
+    from rich.markup import escape
+
     from pocketlm.app.model_loading import choose_model, load_model
 
     store, history = _stores()
     choice = choose_model(store, model_query or _default_model_name(store, history, console, interactive))
     with console.status(f"Loading {choice.name}…") if interactive else nullcontext():
         model = load_model(choice, options, backend)
+    for warning in model.description.warnings:  # on stderr, in pipe mode too: the reply alone goes to stdout
+        console.print(f"[yellow]Warning:[/yellow] [dim]{escape(warning)}[/dim]", soft_wrap=True)
     return model, history
 
 
 def _stream_reply(history: ConversationStore, model: ChatModel, conversation_id: int, text: str,
                   sampling: SamplingParams, console: Console | None) -> None:  # fmt: skip
     """Print the reply as it streams; Ctrl-C stops it and keeps what was said. `console` None: the reply alone."""
+    from rich.console import Console
+    from rich.markup import escape
+
     from pocketlm.app.chat_session import reply
-    from pocketlm.backends.base import ContextTrimmed, GenerationStats, TextPiece
+    from pocketlm.backends.base import ContextTrimmed, GenerationStats, Notice, TextPiece
 
     cancel = threading.Event()
     events = reply(history, model, conversation_id, text, sampling, cancel)
@@ -158,6 +176,8 @@ def _stream_reply(history: ConversationStore, model: ChatModel, conversation_id:
             if isinstance(event, TextPiece):
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
+            elif isinstance(event, Notice):  # on stderr even in pipe mode: stdout holds the reply alone
+                (console or Console(stderr=True)).print(f"[yellow]Warning:[/yellow] [dim]{escape(event.message)}[/dim]", soft_wrap=True)
             elif isinstance(event, ContextTrimmed) and console:
                 console.print(f"[dim](dropped the {event.dropped_messages} oldest messages to fit the {event.context_length}-token context)[/dim]")
             elif isinstance(event, GenerationStats):

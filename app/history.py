@@ -1,45 +1,63 @@
-"""Conversations in SQLite. The user's message is committed before generation starts and the reply grows
-row by row as it streams, so a killed process loses only the tokens in flight."""
+"""Conversations in SQLite. The user's message and the reply's row are committed together before generation
+starts, and the reply's text goes in batches as it streams (ReplyWriter), so a killed process loses only the last
+batch window; the next store to open marks such a reply "interrupted"."""
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from pocketlm.backends.base import ChatMessage, GenerationStats, Role, SamplingParams
-from pocketlm.models.database import connect
+from pocketlm.models.database import connect, migrate
 
-MessageStatus = Literal["complete", "streaming", "cancelled", "failed"]
+# interrupted: the process writing it died mid-reply (kill -9, power cut); it holds the text up to its last batch.
+MessageStatus = Literal["complete", "streaming", "cancelled", "failed", "interrupted"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS conversations (
-    id INTEGER PRIMARY KEY,
-    title TEXT NOT NULL DEFAULT '',
-    model TEXT NOT NULL DEFAULT '',
-    system_prompt TEXT NOT NULL DEFAULT '',
-    sampling TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
-    conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-    role TEXT NOT NULL,
-    content TEXT NOT NULL,
-    status TEXT NOT NULL DEFAULT 'complete',
-    model TEXT NOT NULL DEFAULT '',
-    prompt_tokens INTEGER,
-    generated_tokens INTEGER,
-    tokens_per_second REAL,
-    stop_reason TEXT,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
-"""
+# A streaming reply reaches the database at most this often (and at its end): a killed process loses at most this
+# window, and a fast model costs a write per batch instead of one per token.
+BATCH_SECONDS = 0.25
+
+_MIGRATIONS = [
+    # 1: the first release's tables. Databases from before migrations have them already (IF NOT EXISTS).
+    """CREATE TABLE IF NOT EXISTS conversations (
+        id INTEGER PRIMARY KEY,
+        title TEXT NOT NULL DEFAULT '',
+        model TEXT NOT NULL DEFAULT '',
+        system_prompt TEXT NOT NULL DEFAULT '',
+        sampling TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL);
+    CREATE TABLE IF NOT EXISTS messages (
+        id INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        role TEXT NOT NULL,
+        content TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'complete',
+        model TEXT NOT NULL DEFAULT '',
+        prompt_tokens INTEGER,
+        generated_tokens INTEGER,
+        tokens_per_second REAL,
+        stop_reason TEXT,
+        created_at REAL NOT NULL);
+    CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id)""",
+    # 2: the process streaming a reply (pid and start time, as pids are reused), so a reply whose writer died is told
+    # from one another live pocketlm is writing; and a streaming reply's batches as rows of their own, joined into
+    # the message when it ends: appending to one growing row rewrites it whole, quadratic in the reply's length.
+    """ALTER TABLE messages ADD COLUMN writer_pid INTEGER;
+    ALTER TABLE messages ADD COLUMN writer_started REAL;
+    CREATE TABLE message_chunks (
+        message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        seq INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        PRIMARY KEY (message_id, seq)) WITHOUT ROWID""",
+]
 _TITLE_LENGTH = 48
 
 
@@ -70,15 +88,60 @@ def _sampling_from_json(text: str) -> SamplingParams:
     return SamplingParams(**{key: value for key, value in values.items() if key in known})
 
 
+def _process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch); None when it is gone or a zombie."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return None if process.status() == psutil.STATUS_ZOMBIE else process.create_time()
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:  # alive, another user's: whether it is the writer cannot be told; NaN never counts as gone
+        return float("nan")
+
+
+def _writer_is_gone(pid: int | None, started: float | None) -> bool:
+    if pid is None or started is None:  # written by a pocketlm from before writers were recorded
+        return True
+    now_started = _process_started(pid)
+    # A pid reused by a later process has a later start time; 1 s covers the start time's rounding.
+    return now_started is None or abs(now_started - started) > 1.0
+
+
 class ConversationStore:
     def __init__(self, database: Path) -> None:
         self._connection = connect(database)
         self._lock = threading.Lock()
-        self._connection.executescript(_SCHEMA)
+        with self._lock:
+            migrate(self._connection, "conversations", _MIGRATIONS)
+        self._writer = (os.getpid(), _process_started(os.getpid()))
+        self._mark_interrupted()
 
     def _execute(self, sql: str, parameters: tuple | dict = ()) -> list:  # type: ignore[type-arg]
         with self._lock:
             return self._connection.execute(sql, parameters).fetchall()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._lock:
+            self._connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._connection.execute("COMMIT")
+            except BaseException:
+                # SQLite may have rolled back by itself (a full disk, an I/O error): a second ROLLBACK would raise and
+                # hide the real error, and a failed COMMIT must not leave the transaction open for every later one.
+                if self._connection.in_transaction:
+                    self._connection.execute("ROLLBACK")
+                raise
+
+    def _mark_interrupted(self) -> None:
+        """Replies left "streaming" by a process that is gone (killed mid-reply) become "interrupted"."""
+        streaming = self._execute("SELECT id, writer_pid, writer_started FROM messages WHERE status = 'streaming'")
+        for row in streaming:
+            if _writer_is_gone(row["writer_pid"], row["writer_started"]):
+                self.finish_message(row["id"], "interrupted")
 
     def create(self, model: str = "", system_prompt: str = "", sampling: SamplingParams | None = None) -> Conversation:
         now = time.time()
@@ -118,13 +181,23 @@ class ConversationStore:
         rows = self._execute(
             "SELECT id, role, content, status, tokens_per_second FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
         )
-        return [StoredMessage(row["id"], row["role"], row["content"], row["status"], row["tokens_per_second"]) for row in rows]
+        messages = []
+        for row in rows:
+            # A reply still streaming keeps its batches apart until it ends.
+            content = row["content"] + self._streamed(row["id"]) if row["status"] == "streaming" else row["content"]
+            messages.append(StoredMessage(row["id"], row["role"], content, row["status"], row["tokens_per_second"]))
+        return messages
+
+    def _streamed(self, message_id: int) -> str:
+        """The batches of a reply still streaming, joined."""
+        rows = self._execute("SELECT text FROM message_chunks WHERE message_id = ? ORDER BY seq", (message_id,))
+        return "".join(row["text"] for row in rows)
 
     def chat_messages(self, conversation_id: int) -> list[ChatMessage]:
         """The conversation as a model sees it: the system prompt, then its turns.
 
-        A reply that failed or was stopped before its first word is left out with the message it answered, so
-        the turns keep alternating (many chat templates refuse two user messages in a row).
+        A reply that failed, or was stopped or interrupted before its first word, is left out with the message it
+        answered, so the turns keep alternating (many chat templates refuse two user messages in a row).
         """
         conversation = self.get(conversation_id)
         turns = [ChatMessage("system", conversation.system_prompt)] if conversation and conversation.system_prompt else []
@@ -137,27 +210,51 @@ class ConversationStore:
         return turns
 
     def add_message(self, conversation_id: int, role: Role, content: str, status: MessageStatus = "complete", model: str = "") -> int:
+        with self._transaction():
+            return self._insert_message(conversation_id, role, content, status, model)
+
+    def _insert_message(self, conversation_id: int, role: Role, content: str, status: MessageStatus, model: str) -> int:
         now = time.time()
-        with self._lock:
-            cursor = self._connection.execute(
-                "INSERT INTO messages (conversation_id, role, content, status, model, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (conversation_id, role, content, status, model, now),
-            )
-            self._connection.execute(
-                "UPDATE conversations SET updated_at = ?, title = CASE WHEN title = '' AND ? = 'user' THEN ? ELSE title END WHERE id = ?",
-                (now, role, _title_from(content), conversation_id),
-            )
+        writer_pid, writer_started = self._writer if status == "streaming" else (None, None)
+        cursor = self._connection.execute(
+            "INSERT INTO messages (conversation_id, role, content, status, model, created_at, writer_pid, writer_started)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (conversation_id, role, content, status, model, now, writer_pid, writer_started),
+        )
+        self._connection.execute(
+            "UPDATE conversations SET updated_at = ?, title = CASE WHEN title = '' AND ? = 'user' THEN ? ELSE title END WHERE id = ?",
+            (now, role, _title_from(content), conversation_id),
+        )
         return int(cursor.lastrowid or 0)
 
-    def append_to_message(self, message_id: int, text: str) -> None:
-        self._execute("UPDATE messages SET content = content || ? WHERE id = ?", (text, message_id))
+    def begin_reply(self, conversation_id: int, user_text: str, model: str = "", clock: Callable[[], float] = time.monotonic) -> ReplyWriter:
+        """Store the user's message and an empty streaming reply to it, in one transaction; the writer fills the reply."""
+        with self._transaction():
+            self._insert_message(conversation_id, "user", user_text, "complete", "")
+            reply_id = self._insert_message(conversation_id, "assistant", "", "streaming", model)
+        return ReplyWriter(self, reply_id, clock)
 
-    def finish_message(self, message_id: int, status: MessageStatus, stats: GenerationStats | None = None) -> None:
+    def append_to_message(self, message_id: int, text: str) -> None:
+        """Add `text` to a streaming reply: one small row, whatever the reply's length so far."""
         self._execute(
-            "UPDATE messages SET status = ?, prompt_tokens = ?, generated_tokens = ?, tokens_per_second = ?, stop_reason = ? WHERE id = ?",
-            (status, stats and stats.prompt_tokens, stats and stats.generated_tokens,
-             stats and stats.tokens_per_second, stats and stats.stop_reason, message_id),
-        )  # fmt: skip
+            "INSERT INTO message_chunks (message_id, seq, text)"
+            " VALUES (?, (SELECT coalesce(max(seq), -1) + 1 FROM message_chunks WHERE message_id = ?), ?)",
+            (message_id, message_id, text),
+        )
+
+    def finish_message(self, message_id: int, status: MessageStatus, stats: GenerationStats | None = None, tail: str = "") -> None:
+        """End a reply: its batches and `tail` joined into its text, with its status and stats, in one transaction."""
+        with self._transaction():
+            chunks = self._connection.execute("SELECT text FROM message_chunks WHERE message_id = ? ORDER BY seq", (message_id,)).fetchall()
+            streamed = "".join(row["text"] for row in chunks) + tail
+            self._connection.execute(
+                "UPDATE messages SET content = content || ?, status = ?, prompt_tokens = ?, generated_tokens = ?,"
+                " tokens_per_second = ?, stop_reason = ?, writer_pid = NULL, writer_started = NULL WHERE id = ?",
+                (streamed, status, stats and stats.prompt_tokens, stats and stats.generated_tokens,
+                 stats and stats.tokens_per_second, stats and stats.stop_reason, message_id),
+            )  # fmt: skip
+            if chunks:
+                self._connection.execute("DELETE FROM message_chunks WHERE message_id = ?", (message_id,))
 
     def close(self) -> None:
         self._connection.close()
@@ -166,3 +263,31 @@ class ConversationStore:
 def _title_from(text: str) -> str:
     line = " ".join(text.split())
     return line if len(line) <= _TITLE_LENGTH else line[: _TITLE_LENGTH - 1].rstrip() + "…"
+
+
+class ReplyWriter:
+    """A reply streaming into the store: its text reaches the database at most every BATCH_SECONDS, and at the end."""
+
+    def __init__(self, store: ConversationStore, message_id: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self.message_id = message_id
+        self._clock = clock
+        self._pending: list[str] = []
+        self._last_write = clock()
+
+    def write(self, text: str) -> None:
+        self._pending.append(text)
+        if self._clock() - self._last_write >= BATCH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self.store.append_to_message(self.message_id, "".join(self._pending))
+            self._pending.clear()
+        self._last_write = self._clock()
+
+    def finish(self, status: MessageStatus, stats: GenerationStats | None = None) -> None:
+        """Store what is pending with the reply's final status, in one transaction."""
+        tail = "".join(self._pending)
+        self._pending.clear()
+        self.store.finish_message(self.message_id, status, stats, tail)

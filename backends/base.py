@@ -1,8 +1,8 @@
 """The Backend Protocol: what every inference engine (llama.cpp, PyTorch, MLX, a remote server) provides.
 
 A backend loads a model into a ChatModel; a ChatModel streams a reply to a conversation as typed events:
-any number of TextPiece (and at most one ContextTrimmed, before the first piece), then exactly one
-GenerationStats. Cancelling is setting the threading.Event passed to `stream_chat`; the stream then ends
+any number of TextPiece (and, before the first piece, at most one ContextTrimmed and any Notice), then exactly
+one GenerationStats. Cancelling is setting the threading.Event passed to `stream_chat`; the stream then ends
 within one token with stop_reason "cancelled".
 """
 
@@ -69,6 +69,13 @@ class ContextTrimmed:
 
 
 @dataclass(frozen=True)
+class Notice:
+    """A warning the user should read once, e.g. that the model's chat template failed and a standard one took over."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class GenerationStats:
     prompt_tokens: int
     generated_tokens: int
@@ -84,7 +91,7 @@ class GenerationStats:
         return (self.generated_tokens - 1) / self.generation_s
 
 
-GenerationEvent = TextPiece | ContextTrimmed | GenerationStats
+GenerationEvent = TextPiece | ContextTrimmed | Notice | GenerationStats
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class ModelDescription:
     parameter_count: int
     quantization: str
     context_length: int  # the loaded context window, in tokens
+    warnings: tuple[str, ...] = ()  # what the user should read once after loading (e.g. a replaced chat template)
 
 
 @runtime_checkable

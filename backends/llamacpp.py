@@ -8,6 +8,7 @@ import importlib.util
 import threading
 import time
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -18,12 +19,14 @@ from pocketlm.backends.base import (
     GenerationStats,
     LoadOptions,
     ModelDescription,
+    Notice,
     SamplingParams,
     StopReason,
     TextPiece,
 )
-from pocketlm.backends.chat_template import render_chat
+from pocketlm.backends.chat_template import ChatFormat, RenderedPrompt
 from pocketlm.backends.context_window import fit_conversation
+from pocketlm.backends.llamacpp_probe import ensure_llama_cpp_survives
 from pocketlm.backends.streaming import StopStringFilter
 from pocketlm.models.errors import ModelFileError, PocketError
 from pocketlm.models.fit import DEFAULT_CONTEXT_LENGTH, estimate_gguf_memory, physical_cores, require_fit
@@ -54,9 +57,13 @@ class LlamaCppBackend:
         if options.adapters:
             raise PocketError("The llama.cpp backend does not load LoRA adapters yet.", "Load the model without --adapter.")
 
+        threads = options.threads or physical_cores()
+        # llama.cpp aborts the whole process on some damage no header check foresees: a file it has never opened on
+        # this machine is opened in a child process first, which dies in our place (ModelFileError with its reason).
+        ensure_llama_cpp_survives(model_path, options.gpu_layers, threads)
+
         from llama_cpp import Llama
 
-        threads = options.threads or physical_cores()
         settings = dict(
             model_path=str(model_path),
             n_ctx=context_length,
@@ -80,12 +87,52 @@ class LlamaCppBackend:
     def _create(llama_class: type[Llama], settings: dict) -> Llama:  # type: ignore[type-arg]
         # llama.cpp itself defaults to flash attention where the device has it (10% faster decoding here); the
         # bindings can only force it on or off, so where a context with it is refused, make one without.
+        llama_class = _without_chat_templates(llama_class)
         try:
             return llama_class(**settings, flash_attn=True)
         except ValueError as error:
             if "context" not in str(error).lower():
                 raise
         return llama_class(**settings, flash_attn=False)
+
+
+@lru_cache(maxsize=1)
+def _without_chat_templates(llama_class: type[Llama]) -> type[Llama]:
+    """`llama_class`, blind to the file's chat templates.
+
+    llama-cpp-python compiles every chat template in the file when a model loads, for chat handlers pocketlm never
+    uses, and a template that does not compile raises from the constructor. pocketlm renders templates itself
+    (backends/chat_template.py) and replaces a broken one; so the metadata the constructor reads leaves them out.
+    """
+
+    class TemplateBlindLlama(llama_class):  # type: ignore[misc, valid-type]
+        @property
+        def metadata(self) -> dict[str, str]:
+            return self._pocketlm_metadata
+
+        @metadata.setter
+        def metadata(self, value: dict[str, str]) -> None:
+            self._pocketlm_metadata = {key: text for key, text in value.items() if not key.startswith("tokenizer.chat_template")}
+
+    return TemplateBlindLlama
+
+
+def _special_tokens(vocab: object) -> tuple[dict[str, int], dict[str, int]]:
+    """The vocabulary's control (and unknown) token strings, which llama.cpp turns into tokens only when asked to
+    parse special tokens, and its user-defined ones, which it turns into tokens always."""
+    import llama_cpp
+
+    control, user_defined = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN, llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+    get_attr, get_text = llama_cpp.llama_vocab_get_attr, llama_cpp.llama_vocab_get_text
+    controls: dict[str, int] = {}
+    always: dict[str, int] = {}
+    for token in range(llama_cpp.llama_vocab_n_tokens(vocab)):
+        attributes = get_attr(vocab, token)
+        if attributes & (control | user_defined):
+            text = (get_text(vocab, token) or b"").decode("utf-8", errors="replace")
+            if text:
+                (controls if attributes & control else always).setdefault(text, token)
+    return controls, always
 
 
 class LlamaCppChatModel:
@@ -102,6 +149,16 @@ class LlamaCppChatModel:
         self._token_to_piece = llama_cpp.llama_token_to_piece
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._loop = DecodeLoop(llm)
+        controls, user_defined = _special_tokens(self._vocab)
+        template = (summary.chat_template, summary.architecture, summary.bos_token, summary.eos_token)
+        # User-defined tokens are parsed in any text, so those the template writes as turn markers (Command-R's
+        # <|START_OF_TURN_TOKEN|>, gpt-oss's <|start|>) are escaped in messages too; the others (Gemma's <h1>, say)
+        # stay what the model was trained to read in ordinary text.
+        sample = ChatFormat(*template, control_tokens=frozenset(controls)).sample_prompt()
+        markers = {text: token for text, token in user_defined.items() if text.strip() and text in sample}
+        self._control_ids = {**controls, **markers}
+        self._marker_ids = frozenset(markers.values())
+        self._format = ChatFormat(*template, control_tokens=frozenset(self._control_ids))
         self.description = ModelDescription(
             name=summary.path.stem,
             backend=LlamaCppBackend.name,
@@ -109,13 +166,46 @@ class LlamaCppChatModel:
             parameter_count=summary.parameter_count,
             quantization=summary.quantization,
             context_length=context_length,
+            warnings=(self._format.load_warning,) if self._format.load_warning else (),
         )
 
     def _render(self, messages: list[ChatMessage]) -> list[int]:
-        prompt = render_chat(messages, self._summary.chat_template, self._summary.bos_token, self._summary.eos_token)
+        prompt = self._format.render(messages)
         # Templates that write the BOS token themselves must not get a second one.
-        add_bos = self._summary.add_bos_token and not (self._summary.bos_token and prompt.startswith(self._summary.bos_token))
-        return self._llm.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+        add_bos = self._summary.add_bos_token and not (self._summary.bos_token and prompt.text.startswith(self._summary.bos_token))
+        if not prompt.escaped:  # no message holds a control token's text: llama.cpp parses the template's own
+            return self._llm.tokenize(prompt.text.encode("utf-8"), add_bos=add_bos, special=True)
+        return self._tokenize_template_controls(prompt, add_bos)
+
+    def _tokenize_template_controls(self, prompt: RenderedPrompt, add_bos: bool) -> list[int]:
+        """Tokens of `prompt` with control tokens parsed only where the template wrote them.
+
+        llama.cpp splits a text at control-token strings and tokenizes the text between them on its own; so does
+        this, at the template's control tokens only, the messages' text put back into the runs between them.
+        """
+        tokens = [self._llm.token_bos()] if add_bos else []
+        for text, is_control in prompt.fragments(self._format.control_pattern):
+            if is_control:
+                tokens.append(self._control_ids[text])
+            else:
+                tokens += self._tokenize_text(text)
+        return tokens
+
+    def _tokenize_text(self, text: str) -> list[int]:
+        """`text` as text: a turn marker llama.cpp would parse in it anyway (a user-defined token) is cut in two."""
+        tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        pattern = self._format.control_pattern
+        matches = list(pattern.finditer(text)) if pattern is not None and self._marker_ids.intersection(tokens) else []
+        if len(text) < 2 or not matches:
+            return tokens
+        pieces: list[int] = []
+        start = 0
+        for match in matches:
+            middle = (match.start() + match.end()) // 2
+            pieces += self._tokenize_text(text[start : match.start()])
+            pieces += self._tokenize_text(text[match.start() : middle]) + self._tokenize_text(text[middle : match.end()])
+            start = match.end()
+        return pieces + self._tokenize_text(text[start:])
 
     def prompt_tokens(self, messages: list[ChatMessage]) -> int:
         return len(self._render(messages))
@@ -142,6 +232,8 @@ class LlamaCppChatModel:
         reply_reserve = min(sampling.max_tokens or n_ctx // 4, n_ctx // 2)
         kept, dropped, _ = fit_conversation(messages, self.prompt_tokens, n_ctx - reply_reserve)
         prompt = self._render(kept)
+        if notice := self._format.take_notice():  # the template failed on this conversation and was replaced
+            yield Notice(notice)
         if dropped:
             yield ContextTrimmed(dropped_messages=dropped, prompt_tokens=len(prompt), context_length=n_ctx)
 

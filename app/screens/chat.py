@@ -24,7 +24,7 @@ from pocketlm.app.widgets.conversation_list import ConversationItem, Conversatio
 from pocketlm.app.widgets.message_log import MessageLog
 from pocketlm.app.widgets.prompt_input import PromptInput
 from pocketlm.app.widgets.status_line import StatusLine
-from pocketlm.backends.base import ChatModel, ContextTrimmed, GenerationStats, SamplingParams, TextPiece
+from pocketlm.backends.base import ChatModel, ContextTrimmed, GenerationStats, Notice, SamplingParams, TextPiece
 from pocketlm.models.errors import PocketError
 
 if TYPE_CHECKING:
@@ -122,6 +122,9 @@ class ChatScreen(Screen[None]):
         except PocketError as error:
             self.post_message(ModelLoadFailed(str(error), serial))
             return
+        except Exception as error:  # noqa: BLE001 - a failed load is a notification; a dead worker would end the app
+            self.post_message(ModelLoadFailed(f"Loading {name} failed unexpectedly ({type(error).__name__}: {error}).", serial))
+            return
         self.post_message(ModelLoaded(model, serial))
 
     def begin_loading(self, name: str) -> None:
@@ -151,6 +154,8 @@ class ChatScreen(Screen[None]):
         status.context_length = message.model.description.context_length
         status.tokens_per_second = None
         status.state = ""
+        for warning in message.model.description.warnings:
+            self.notify(warning, title="Model loaded with a warning", severity="warning", timeout=15)
         self._update_context_used()
 
     def on_model_load_failed(self, message: ModelLoadFailed) -> None:
@@ -216,6 +221,8 @@ class ChatScreen(Screen[None]):
                 await self.refresh_conversations()
             self._reply_text += event.text
             await self._stream.write(event.text)
+        elif isinstance(event, Notice):
+            self.notify(event.message, title="Warning", severity="warning", timeout=15)
         elif isinstance(event, ContextTrimmed):
             self.notify(f"Dropped the {event.dropped_messages} oldest messages to fit the {event.context_length}-token context.")
         elif isinstance(event, GenerationStats):

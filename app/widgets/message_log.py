@@ -12,10 +12,14 @@ class ChatMessageView(Markdown):
     """One message; its role is its CSS class (user, assistant, notice)."""
 
 
+# A reply that did not end on its own says so after its text.
+STATUS_MARKERS = {"cancelled": "  *(stopped)*", "interrupted": "  *(interrupted)*"}
+
+
 class MessageLog(VerticalScroll):
     async def show_conversation(self, messages: list[StoredMessage]) -> None:
         await self.remove_children()
-        await self.mount_all([self._view(m.role, m.content + ("  *(stopped)*" if m.status == "cancelled" else "")) for m in messages])
+        await self.mount_all([self._view(m.role, m.content + STATUS_MARKERS.get(m.status, "")) for m in messages])
         self.scroll_end(animate=False)
 
     @staticmethod

@@ -163,3 +163,19 @@ async def test_quitting_mid_reply_stops_it_and_keeps_it(store_with_starter: Mode
     assert screen.model is None
     (_, reply) = app.history.messages(conversation_id)  # type: ignore[arg-type]
     assert reply.status == "cancelled" and len(reply.content) > 20
+
+
+async def test_an_interrupted_reply_is_shown_with_its_marker(pocket_home: Path, tmp_path: Path) -> None:
+    from pocketlm.app.history import ConversationStore
+    from pocketlm.models.locations import database_path
+
+    history = ConversationStore(database_path())
+    conversation = history.create()
+    history.add_message(conversation.id, "user", "Tell me a story.")
+    history.add_message(conversation.id, "assistant", "Once upon a time", status="interrupted")
+    history.close()
+    # No model is needed to read a conversation: name one that is not there.
+    app = PocketApp(model=str(tmp_path / "absent.gguf"))
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: len(views(app)) == 2)
+        assert views(app)[1].source == "Once upon a time  *(interrupted)*"

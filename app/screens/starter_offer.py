@@ -61,8 +61,9 @@ class StarterOffer(ModalScreen[str | None]):
     def fetch(self) -> None:
         try:
             model = install_starter(self._store, lambda update: self.app.call_from_thread(self._show_progress, update))
-        except PocketError as error:
-            self.app.call_from_thread(self.notify, str(error), severity="error", timeout=15)
+        except Exception as error:  # noqa: BLE001 - a PocketError is its sentence; a surprise a notification, not a dead app
+            message = str(error) if isinstance(error, PocketError) else f"Fetching the starter model failed unexpectedly ({type(error).__name__}: {error})."
+            self.app.call_from_thread(self.notify, message, severity="error", timeout=15)
             self.app.call_from_thread(self.dismiss, None)
             return
         self.app.call_from_thread(self.dismiss, model.name)

@@ -150,6 +150,14 @@ def checked_file_name(repo_id: str, name: str) -> str:
     return name
 
 
+def checked_size(repo_id: str, name: str, size: object) -> int:
+    """A file's size from the Hub, if it is a whole number of bytes a disk could hold (below 2^53: 8 PiB)."""
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 2**53:
+        raise HubError(f"{repo_id} gives the size of {name!r} as {size!r}, which is not a number of bytes; the repo is refused and nothing was written.",
+                       "Pull from another repo, or try again later.")  # fmt: skip
+    return size
+
+
 def checked_token(repo_id: str, what: str, value: str | None) -> str | None:
     """A checksum, ETag or commit id from the Hub, without quotes or W/, if it is a short token of safe characters."""
     if value is None:
@@ -230,7 +238,7 @@ def list_repo(repo_id: str, revision: str | None = None) -> RemoteRepo:
     files = tuple(
         RemoteFile(
             checked_file_name(repo_id, s.rfilename),
-            s.lfs.size if s.lfs else (s.size or 0),
+            checked_size(repo_id, s.rfilename, s.lfs.size if s.lfs else (s.size or 0)),
             checked_token(repo_id, f"the checksum of {s.rfilename!r}", s.lfs.sha256 if s.lfs else None),
             checked_token(repo_id, f"the git id of {s.rfilename!r}", s.blob_id),
         )

@@ -100,3 +100,9 @@ def test_a_listed_file_the_hub_does_not_have_is_named_as_missing(loopback_hub: L
     result = pocketlm("pull", repo.repo_id, home=pocket_home)
     assert_clean_failure(result, f"{repo.repo_id} lists 'gone-Q4_K_M.gguf', but the Hub has no such file at revision main.")
     assert "Try again in a moment" not in result.stderr
+
+
+@pytest.mark.parametrize("size", [-1, 2**60], ids=["negative", "beyond-any-disk"])
+def test_an_impossible_size_is_refused_with_a_sentence(loopback_hub: LoopbackHub, pocket_home: Path, tmp_path: Path, size: int) -> None:
+    repo = hostile_repo(f"size{size}", {"model-Q4_K_M.gguf": small_q4_k_m(claimed_size=size)})
+    pull_refused(loopback_hub, repo, pocket_home, tmp_path, f"gives the size of 'model-Q4_K_M.gguf' as {size}, which is not a number of bytes")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pocketlm.backends.base import ChatMessage
@@ -91,9 +92,44 @@ def _tojson(value: object, indent: int | None = None) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent)
 
 
+# A template is code from a model file: the sandbox stops it reaching Python, these stop it spending the machine.
+# Real templates loop over the messages and write a few kilobytes; a hostile one nests ranges or repeats strings.
+_MAX_RANGE_ITEMS = 1_000_000  # all the range() items of one rendering together
+_MAX_REPEAT = 1_000_000  # items of a string or list made by `*`
+_MAX_PROMPT_CHARS = 64 * 2**20
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator: str, left: object, right: object) -> object:  # type: ignore[no-untyped-def, override]
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise SecurityError("the template raises a number to a power above 64")
+        if operator == "*":
+            for sequence, times in ((left, right), (right, left)):
+                if isinstance(sequence, (str, list, tuple)) and isinstance(times, int) and len(sequence) * times > _MAX_REPEAT:
+                    raise SecurityError(f"the template repeats a string or list beyond {_MAX_REPEAT:,} items")
+        return super().call_binop(context, operator, left, right)
+
+
+def _budgeted_range() -> object:
+    """range() for one rendering: nested loops cannot multiply their way past `_MAX_RANGE_ITEMS` all told."""
+    spent = 0
+
+    def bounded_range(*arguments: int) -> range:
+        nonlocal spent
+        items = range(*arguments)
+        spent += len(items)
+        if spent > _MAX_RANGE_ITEMS:
+            raise SecurityError(f"the template's loops run past {_MAX_RANGE_ITEMS:,} steps")
+        return items
+
+    return bounded_range
+
+
 @lru_cache(maxsize=8)
 def _compile(source: str):  # type: ignore[no-untyped-def]
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    environment = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise_exception
     environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -126,12 +162,19 @@ def render_chat(
         raise TemplateFailed(f"The model's chat template is not valid Jinja ({_describe(error)}).", "Re-convert the model or report it.") from None
 
     def render(turns: list[ChatMessage]) -> str:
-        return compiled.render(
+        pieces, length = [], 0
+        for piece in compiled.generate(
             messages=[{"role": m.role, "content": m.content} for m in turns],
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token,
             eos_token=eos_token,
-        )
+            range=_budgeted_range(),
+        ):
+            length += len(piece)
+            if length > _MAX_PROMPT_CHARS:
+                raise SecurityError(f"the template writes more than {_MAX_PROMPT_CHARS:,} characters")
+            pieces.append(piece)
+        return "".join(pieces)
 
     # Any exception is the template's: Jinja errors, undefined names, a TypeError from adding a string to a number.
     try:

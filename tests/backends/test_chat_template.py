@@ -131,3 +131,21 @@ def test_a_prompt_splits_at_the_templates_control_tokens_only() -> None:
         ("<|im_start|>", True), ("user\na<|im_end|>b", False), ("<|im_end|>", True), ("\n", False),
         ("<|im_start|>", True), ("assistant\n", False),
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",  # 10^10 steps
+        "{{ 'x' * 10000000000 }}",  # 10 GB of text
+        "{{ [0] * 100000000 }}",
+        "{{ 7 ** 1000000000 }}",  # a number of almost a billion digits
+        "{% for a in range(99999) %}{{ messages | tojson }}{{ messages | tojson }}{% endfor %}" * 9,  # a huge prompt
+    ],
+    ids=["nested-ranges", "repeated-string", "repeated-list", "power-tower", "huge-output"],
+)
+def test_a_template_that_would_spend_the_machine_is_replaced_with_a_warning(hostile: str) -> None:
+    # Each of these runs for hours or takes gigabytes unbounded; the sandbox stops each at its first step past a limit.
+    chat = ChatFormat(hostile, "qwen2", control_tokens=CHATML_TOKENS)
+    assert chat.load_warning and "ChatML" in chat.load_warning
+    assert chat.render_text(CONVERSATION[:2]) == render_chat(CONVERSATION[:2], CHATML_TEMPLATE)

@@ -145,17 +145,25 @@ def _install_starter(store: ModelStore, console: Console):  # type: ignore[no-un
         return install_starter(store, show_progress)
 
 
-def _load(model_query: str | None, interactive: bool, options: LoadOptions, backend: str | None, console: Console):  # type: ignore[no-untyped-def]
+def _warning(message: str) -> str:
+    """A warning line in rich markup; the message (it may quote a path or a template) is escaped, shown as written."""
     from rich.markup import escape
+
+    return f"[yellow]Warning:[/yellow] [dim]{escape(message)}[/dim]"
+
+
+def _load(model_query: str | None, interactive: bool, options: LoadOptions, backend: str | None, console: Console):  # type: ignore[no-untyped-def]
+    from rich.text import Text
 
     from pocketlm.app.model_loading import choose_model, load_model
 
     store, history = _stores()
     choice = choose_model(store, model_query or _default_model_name(store, history, console, interactive))
-    with console.status(f"Loading {choice.name}…") if interactive else nullcontext():
+    # Text, not a str: rich parses a str as markup, and a model's name is the user's (`evil[/]name` would raise).
+    with console.status(Text(f"Loading {choice.name}…")) if interactive else nullcontext():
         model = load_model(choice, options, backend)
     for warning in model.description.warnings:  # on stderr, in pipe mode too: the reply alone goes to stdout
-        console.print(f"[yellow]Warning:[/yellow] [dim]{escape(warning)}[/dim]", soft_wrap=True)
+        console.print(_warning(warning), soft_wrap=True)
     return model, history
 
 
@@ -163,7 +171,6 @@ def _stream_reply(history: ConversationStore, model: ChatModel, conversation_id:
                   sampling: SamplingParams, console: Console | None) -> None:  # fmt: skip
     """Print the reply as it streams; Ctrl-C stops it and keeps what was said. `console` None: the reply alone."""
     from rich.console import Console
-    from rich.markup import escape
 
     from pocketlm.app.chat_session import reply
     from pocketlm.backends.base import ContextTrimmed, GenerationStats, Notice, TextPiece
@@ -177,7 +184,7 @@ def _stream_reply(history: ConversationStore, model: ChatModel, conversation_id:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
             elif isinstance(event, Notice):  # on stderr even in pipe mode: stdout holds the reply alone
-                (console or Console(stderr=True)).print(f"[yellow]Warning:[/yellow] [dim]{escape(event.message)}[/dim]", soft_wrap=True)
+                (console or Console(stderr=True)).print(_warning(event.message), soft_wrap=True)
             elif isinstance(event, ContextTrimmed) and console:
                 console.print(f"[dim](dropped the {event.dropped_messages} oldest messages to fit the {event.context_length}-token context)[/dim]")
             elif isinstance(event, GenerationStats):
@@ -236,6 +243,7 @@ def chat(model: str | None, system: str, temperature: float, top_p: float, top_k
     it answers that input once and prints only the reply.
     """
     from rich.console import Console
+    from rich.markup import escape
 
     interactive = sys.stdin.isatty()
     console = Console(stderr=True)
@@ -255,7 +263,9 @@ def chat(model: str | None, system: str, temperature: float, top_p: float, top_k
 
     from pocketlm.models.errors import PocketError
 
-    console.print(f"[bold]{name}[/bold] on {chat_model.description.backend} · {chat_model.description.context_length} tokens of context. /? for help.")
+    # Names and messages are escaped: rich parses a printed str as markup, and `evil[/]name` would raise.
+    console.print(f"[bold]{escape(name)}[/bold] on {escape(chat_model.description.backend)} · "
+                  f"{chat_model.description.context_length} tokens of context. /? for help.")
     while (text := _read_message()) is not None:
         if not text.strip():
             continue
@@ -272,7 +282,7 @@ def chat(model: str | None, system: str, temperature: float, top_p: float, top_k
             try:
                 _stream_reply(history, chat_model, conversation.id, text, sampling, console)
             except PocketError as error:  # one failed turn (too long, refused by the template) ends no session
-                console.print(f"[red]Error:[/red] {error.message} {error.hint}")
+                console.print(f"[red]Error:[/red] {escape(error.message)} {escape(error.hint)}")
     chat_model.close()
 
 

@@ -50,11 +50,12 @@ def _ago(moment: datetime | None) -> str:
 def search(query: str, model_format: str | None, sort: str, limit: int) -> None:
     """Search the Hugging Face Hub for models matching QUERY."""
     from rich.table import Table
+    from rich.text import Text
 
     from pocketlm.models.fit import human_bytes
     from pocketlm.models.hub import search_models
 
-    with _console().status(f"Searching the Hub for {query!r}…"):
+    with _console().status(Text(f"Searching the Hub for {query!r}…")):
         results = search_models(query, model_format, sort, limit)  # type: ignore[arg-type]
     if not results:
         click.echo(f"No models on the Hub match {query!r}" + (f" in {model_format} format." if model_format else "."))
@@ -66,7 +67,8 @@ def search(query: str, model_format: str | None, sort: str, limit: int) -> None:
     for result in results:
         quants = " · ".join(f"{c.quant} {human_bytes(c.size_bytes)}" for c in result.gguf_files)
         name = result.repo_id + (" (gated)" if result.gated else "")
-        table.add_row(name, f"{result.downloads:,}", f"{result.likes:,}", _ago(result.last_modified), ", ".join(result.formats), quants)
+        cells = (name, f"{result.downloads:,}", f"{result.likes:,}", _ago(result.last_modified), ", ".join(result.formats), quants)
+        table.add_row(*map(Text, cells))  # Text: repo and file names are the Hub's, never markup
     _stdout_console().print(table)
     click.echo("Pull one with: pocketlm pull OWNER/NAME[:QUANT]", err=True)
 
@@ -80,6 +82,9 @@ def pull(spec: str, allow_pickle: bool) -> None:
     A GGUF repo gets one quant (`:Q4_K_M`; by default Q4_K_M or the nearest); a checkpoint repo gets its config,
     tokenizer and safetensors weights. An interrupted pull resumes where it stopped.
     """
+    from rich.markup import escape
+    from rich.text import Text
+
     from pocketlm.app.progress_view import rich_progress
     from pocketlm.models.errors import Cancelled
     from pocketlm.models.fit import human_bytes
@@ -88,14 +93,15 @@ def pull(spec: str, allow_pickle: bool) -> None:
     console = _console()
     cancel = threading.Event()
     with ctrl_c_sets(cancel):
-        with console.status(f"Looking up {spec} on the Hub…"):
+        with console.status(Text(f"Looking up {spec} on the Hub…")):  # Text: what the user typed, never markup
             # The lookup writes nothing: a Ctrl-C leaves it to finish (or time out) on its own.
             stopped = Cancelled(f"Pull of {spec} stopped during the lookup; nothing was downloaded.")
             plan = in_worker(lambda: plan_pull(parse_pull_spec(spec), allow_pickle), cancel, abandon_with=stopped)
         what = f"{len(plan.files)} file{'s' if len(plan.files) > 1 else ''}, {human_bytes(plan.total_bytes)}"
-        console.print(f"[bold]{plan.name}[/bold] ({what}{', from the local cache' if plan.repo.from_cache else ''})")
+        # Escaped: repo and file names are the Hub's, and rich parses a printed str as markup.
+        console.print(f"[bold]{escape(plan.name)}[/bold] ({what}{', from the local cache' if plan.repo.from_cache else ''})")
         if plan.other_quants:
-            console.print("[dim]Also available: " + ", ".join(f"{c.quant} ({human_bytes(c.size_bytes)})" for c in plan.other_quants) + "[/dim]")
+            console.print("[dim]Also available: " + escape(", ".join(f"{c.quant} ({human_bytes(c.size_bytes)})" for c in plan.other_quants)) + "[/dim]")
         store = _store()
         try:
             with rich_progress(console) as show_progress:
@@ -109,6 +115,7 @@ def pull(spec: str, allow_pickle: bool) -> None:
 def list_models() -> None:
     """List the models in the local store."""
     from rich.table import Table
+    from rich.text import Text
 
     from pocketlm.app.model_details import origin, parameters
     from pocketlm.models.fit import human_bytes
@@ -122,7 +129,8 @@ def list_models() -> None:
     for column, justify in (("Format", "left"), ("Arch", "left"), ("Params", "right"), ("Quant", "left"), ("Size", "right"), ("Origin", "left")):
         table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for m in models:
-        table.add_row(m.name, m.format, m.architecture, parameters(m.parameter_count), m.quantization, human_bytes(m.size_bytes), origin(m))
+        cells = (m.name, m.format, m.architecture, parameters(m.parameter_count), m.quantization, human_bytes(m.size_bytes), origin(m))
+        table.add_row(*map(Text, cells))  # Text: a str cell is parsed as markup, and names are the user's
     _stdout_console().print(table)
 
 

@@ -15,10 +15,12 @@ from pocketlm.models.progress import ProgressCallback, ProgressUpdate
 @contextmanager
 def rich_progress(console: Console, unit: str = "bytes") -> Iterator[ProgressCallback]:
     """Bytes (downloads: size, speed, time left) or items (tensors converted: n of m, time so far and left)."""
+    # markup=False: descriptions name models and files, which must show as written (`a[/]b` would raise).
+    description = TextColumn("{task.description}", markup=False)
     if unit == "bytes":
-        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+        columns = (SpinnerColumn(), description, BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
     else:
-        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        columns = (SpinnerColumn(), description, BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         tasks: dict[str, int] = {}
 

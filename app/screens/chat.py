@@ -155,7 +155,7 @@ class ChatScreen(Screen[None]):
         status.tokens_per_second = None
         status.state = ""
         for warning in message.model.description.warnings:
-            self.notify(warning, title="Model loaded with a warning", severity="warning", timeout=15)
+            self.notify(warning, title="Model loaded with a warning", severity="warning", timeout=15, markup=False)
         self._update_context_used()
 
     def on_model_load_failed(self, message: ModelLoadFailed) -> None:
@@ -163,7 +163,7 @@ class ChatScreen(Screen[None]):
             return
         self._settled_serial = message.serial
         self.query_one(StatusLine).state = "no model loaded"
-        self.notify(message.error, title="Could not load the model", severity="error", timeout=15)
+        self.notify(message.error, title="Could not load the model", severity="error", timeout=15, markup=False)
 
     # Sending and streaming --------------------------------------------------------------------------------------
 
@@ -222,14 +222,14 @@ class ChatScreen(Screen[None]):
             self._reply_text += event.text
             await self._stream.write(event.text)
         elif isinstance(event, Notice):
-            self.notify(event.message, title="Warning", severity="warning", timeout=15)
+            self.notify(event.message, title="Warning", severity="warning", timeout=15, markup=False)
         elif isinstance(event, ContextTrimmed):
             self.notify(f"Dropped the {event.dropped_messages} oldest messages to fit the {event.context_length}-token context.")
         elif isinstance(event, GenerationStats):
             await self._finish_reply(event)
 
     async def on_generation_failed(self, message: GenerationFailed) -> None:
-        self.notify(message.error, title="Generation failed", severity="error", timeout=15)
+        self.notify(message.error, title="Generation failed", severity="error", timeout=15, markup=False)
         await self._finish_reply(None)
 
     async def _finish_reply(self, stats: GenerationStats | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -43,6 +44,7 @@ class ConvertScreen(Screen[None]):
         self._latest: ProgressUpdate | None = None
         self._timer: Timer | None = None
         self.result: LocalModel | None = None
+        self._select_on_mount: str | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -57,13 +59,20 @@ class ConvertScreen(Screen[None]):
             with Horizontal(classes="buttons"):
                 yield Button("Convert", variant="primary", id="convert-start")
                 yield Button("Open in chat", id="convert-open", disabled=True)
-            yield Label("", id="convert-label")
+            yield Label("", id="convert-label", markup=False)  # shows model names and errors as written
             yield ProgressBar(id="convert-progress", show_eta=True)
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#convert-progress").display = False
-        self.refresh_sources()
+        self.refresh_sources(select=self._select_on_mount)
+
+    def choose_source(self, name: str) -> None:
+        """Choose `name` as the model to convert; on a screen pushed for the first time, once its widgets exist."""
+        if self.is_mounted:
+            self.refresh_sources(select=name)
+        else:
+            self._select_on_mount = name
 
     def on_screen_resume(self) -> None:
         self.refresh_sources()
@@ -79,7 +88,8 @@ class ConvertScreen(Screen[None]):
         source = self.query_one("#convert-source", Select)
         current = select or (source.value if isinstance(source.value, str) else None)
         models = [m for m in self.app.store.list() if convertible(m)]
-        source.set_options([(f"{m.name}  ({m.format} {m.quantization})", m.name) for m in models])
+        # Text, not str: a str prompt is parsed as markup, and model names are the user's.
+        source.set_options([(Text(f"{m.name}  ({m.format} {m.quantization})"), m.name) for m in models])
         if current in {m.name for m in models}:
             source.value = current
         self._show_quants()
@@ -172,7 +182,7 @@ class ConvertScreen(Screen[None]):
         self.result = result
         self.query_one("#convert-open", Button).disabled = result is None
         self.refresh_bindings()
-        self.notify(message, severity=severity, timeout=10)  # type: ignore[arg-type]
+        self.notify(message, severity=severity, timeout=10, markup=False)  # type: ignore[arg-type]
         if result is not None:
             self.refresh_sources()
             self.query_one("#convert-open", Button).focus()

@@ -19,7 +19,7 @@ class TextPromptDialog(ModalScreen[str | None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self._question)
+            yield Label(self._question, markup=False)  # questions quote chat titles and model names
             yield Input(self._value, id="answer")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
@@ -36,7 +36,7 @@ class ConfirmDialog(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self._question)
+            yield Label(self._question, markup=False)  # questions quote chat titles and model names
             with Horizontal(classes="buttons"):
                 yield Button(self._confirm_label, variant="error", id="confirm")
                 yield Button("Cancel", id="cancel")

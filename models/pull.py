@@ -11,14 +11,11 @@ from pocketlm.models.errors import Cancelled, HubError, ModelFileError, NotEnoug
 from pocketlm.models.fit import gib, human_bytes
 from pocketlm.models.formats import CHECKPOINT_SIDE_FILES, checkpoint_weight_files, inspect_model
 from pocketlm.models.gguf_quants import GGUFChoice, default_choice, gguf_choices
-from pocketlm.models.hub import RemoteFile, RemoteRepo, hub_cache_dir, list_repo
+from pocketlm.models.hub import RemoteFile, RemoteRepo, hub_cache_dir, is_repo_id, list_repo
 from pocketlm.models.hub_download import download_file, is_cached, partial_bytes, remember_revision, snapshot_path
 from pocketlm.models.progress import ProgressCallback, ProgressUpdate, ignore_progress
 from pocketlm.models.store import LocalModel, ModelStore, model_from_facts
 
-# What the Hub accepts: letters, digits, "-", "_", "." (not first or last, no "--" or ".."), at most 96 characters.
-_REPO_PART = r"(?!.*(?:--|\.\.))[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
-_REPO_ID = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
 _URL_PREFIX = re.compile(r"^(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/", re.IGNORECASE)
 # Pickle weights only with --allow-pickle; never the ones that duplicate safetensors weights.
 _PICKLE_WEIGHTS = re.compile(r"^(pytorch_model|adapter_model|model)[\w.-]*\.bin$")
@@ -40,7 +37,7 @@ def parse_pull_spec(text: str) -> PullSpec:
     rest, _, selector = rest.partition(":")
     repo_id, _, revision = rest.partition("@")
     repo_id = repo_id.strip("/")
-    if not _REPO_ID.match(repo_id):
+    if not is_repo_id(repo_id):
         raise HubError(f"{text!r} is not a Hub model name.", "Write it as owner/name, e.g. `pocketlm pull HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:Q4_K_M`.")
     return PullSpec(repo_id, revision or None, selector or None)
 

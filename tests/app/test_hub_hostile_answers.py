@@ -106,3 +106,17 @@ def test_a_listed_file_the_hub_does_not_have_is_named_as_missing(loopback_hub: L
 def test_an_impossible_size_is_refused_with_a_sentence(loopback_hub: LoopbackHub, pocket_home: Path, tmp_path: Path, size: int) -> None:
     repo = hostile_repo(f"size{size}", {"model-Q4_K_M.gguf": small_q4_k_m(claimed_size=size)})
     pull_refused(loopback_hub, repo, pocket_home, tmp_path, f"gives the size of 'model-Q4_K_M.gguf' as {size}, which is not a number of bytes")
+
+
+# JSON, but not of the Hub's shapes: a list for an object, numbers for names and counts, null.
+MISSHAPEN_ANSWERS = [b"[1, 2, 3]", b"{}", b'[{"id": 5}]', b'[{"id": "a/b", "siblings": 7}]', b'"text"', b"null",
+                     b'[{"id": "x/y", "downloads": "many", "likes": [], "tags": 3}]', b'[{"id": "x/[red]y"}]']  # fmt: skip
+
+
+@pytest.mark.parametrize("answer", MISSHAPEN_ANSWERS, ids=[f"answer{i}" for i in range(len(MISSHAPEN_ANSWERS))])
+def test_a_misshapen_answer_is_blamed_on_the_server_not_on_pocketlm(loopback_hub: LoopbackHub, pocket_home: Path, answer: bytes) -> None:
+    loopback_hub.raw_answers = {"/api/models": answer, "/api/models/owner/name": answer}
+    searched = pocketlm("search", "x", home=pocket_home)
+    assert searched.returncode in (0, 1) and "Traceback" not in searched.stderr and "unexpectedly" not in searched.stderr, searched.stderr
+    assert "[red]" not in searched.stdout, "a search hit without a plain repo name is left out"
+    assert_clean_failure(pocketlm("pull", "owner/name", home=pocket_home), "did not answer like the Hugging Face Hub")

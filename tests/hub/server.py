@@ -83,6 +83,7 @@ class LoopbackHub:
         self._cuts: dict[str, int] = {}
         self.ignore_range: set[str] = set()  # files served whole (200) even when a range is asked for
         self.empty_bodies: set[str] = set()  # files answered with no bytes at all
+        self.raw_answers: dict[str, bytes] = {}  # API paths answered 200 with these bytes as JSON, whatever they hold
         self._stalls: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -165,6 +166,8 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
             parts = urlsplit(self.path)
             path, query = unquote(parts.path), parse_qs(parts.query)
             hub.api_calls.append(f"{self.command} {path}")
+            if path in hub.raw_answers:
+                return self._send(200, {"Content-Type": "application/json"}, hub.raw_answers[path], head)
             if path == "/api/models":
                 return self._search(query)
             if match := re.fullmatch(r"/api/models/([^/]+/[^/]+?)(?:/revision/(.+))?", path):

@@ -149,6 +149,7 @@ class LlamaCppChatModel:
         self._token_to_piece = llama_cpp.llama_token_to_piece
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._loop = DecodeLoop(llm)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         controls, user_defined = _special_tokens(self._vocab)
         template = (summary.chat_template, summary.architecture, summary.bos_token, summary.eos_token)
         # User-defined tokens are parsed in any text, so those the template writes as turn markers (Command-R's
@@ -247,7 +248,7 @@ class LlamaCppChatModel:
         self._loop.prefill(prompt)
         from pocketlm.backends.llamacpp_decoding import Sampler
 
-        sampler = Sampler(sampling, _RANDOM_SEED if sampling.seed is None else sampling.seed)
+        sampler = Sampler(sampling, _RANDOM_SEED if sampling.seed is None else sampling.seed, self._n_vocab)
         try:
             while True:
                 if cancel.is_set():

@@ -7,7 +7,6 @@ record of what the KV cache holds, and reuses the longest shared prefix between 
 
 from __future__ import annotations
 
-import ctypes
 from typing import TYPE_CHECKING
 
 import llama_cpp
@@ -22,23 +21,17 @@ if TYPE_CHECKING:
 _PENALTY_WINDOW = 64
 
 
-def _init_penalties(window: int, repeat: float, frequency: float, presence: float) -> llama_cpp.llama_sampler_p:
-    # llama-cpp-python 0.3.36 still declares this function's old five-argument signature (n_vocab first), which the
-    # llama.cpp it bundles no longer has; call the C symbol with its real four-argument prototype.
-    function = llama_cpp.llama_cpp._lib.llama_sampler_init_penalties
-    function.argtypes = [ctypes.c_int32, ctypes.c_float, ctypes.c_float, ctypes.c_float]
-    function.restype = llama_cpp.llama_sampler_p_ctypes
-    return function(window, repeat, frequency, presence)
-
-
 class Sampler:
     """A llama.cpp sampler chain for one reply; free it with close()."""
 
-    def __init__(self, sampling: SamplingParams, seed: int) -> None:
+    def __init__(self, sampling: SamplingParams, seed: int, n_vocab: int) -> None:
         self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         stages = []
         if sampling.repeat_penalty != 1.0:
-            stages.append(_init_penalties(_PENALTY_WINDOW, sampling.repeat_penalty, 0.0, 0.0))
+            # The vocabulary size comes first in the bundled llama.cpp's prototype (llama.h). Called without it, as an
+            # earlier version of this file did, the window was read from whatever the register held: the penalty
+            # came and went with the machine's state.
+            stages.append(llama_cpp.llama_sampler_init_penalties(n_vocab, _PENALTY_WINDOW, sampling.repeat_penalty, 0.0, 0.0))
         if sampling.temperature <= 0:
             stages.append(llama_cpp.llama_sampler_init_greedy())
         else:

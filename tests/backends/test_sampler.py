@@ -19,7 +19,7 @@ def apply_chain(sampling: SamplingParams, logits: dict[int, float], history: lis
     chain leaves them, and the token it picks."""
     import llama_cpp
 
-    sampler = Sampler(sampling, seed=7)
+    sampler = Sampler(sampling, seed=7, n_vocab=16)
     try:
         for token in history:
             llama_cpp.llama_sampler_accept(sampler.chain, token)

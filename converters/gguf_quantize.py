@@ -1,24 +1,45 @@
 """Quantize a GGUF (f32/f16/bf16, or a higher quant) to Q8_0 … Q2_K, the K-quant mixes and IQ4_XS/IQ4_NL,
-with llama.cpp's own quantizer through llama-cpp-python."""
+with llama.cpp's own quantizer through llama-cpp-python.
+
+llama.cpp runs in a child process (converters/gguf_quantize_child.py): an abort on a damaged or odd GGUF kills the
+child, not the CLI or the app, and a cancel kills it mid-file. This process keeps the checks, the atomic output, the
+progress and the sentences; the child only reads the input and writes the temporary file it is given.
+"""
 
 from __future__ import annotations
 
-import ctypes
-import re
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar
+from typing import IO, ClassVar
 
 from pocketlm.converters.base import ConversionError, ConversionResult, ConvertOptions, atomic_output, check_cancel
-from pocketlm.converters.quant_types import QUANT_TYPES, UNQUANTIZED_TYPES, quant_type
-from pocketlm.models.errors import NotEnoughDisk
+from pocketlm.converters.quant_types import QUANT_TYPES, UNQUANTIZED_TYPES, QuantType, quant_type
+from pocketlm.models.errors import NotEnoughDisk, NotEnoughMemory, PocketError
 from pocketlm.models.fit import physical_cores
 from pocketlm.models.gguf_info import read_gguf
+from pocketlm.models.leftovers import converting_prefix
 from pocketlm.models.progress import ProgressCallback, ProgressUpdate
 
-
-_PROGRESS_LINE = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+# Test seam: the module run as the child instead of the real one (tests use one that aborts). Never set in normal use.
+CHILD_MODULE_ENV = "POCKETLM_QUANTIZE_CHILD_MODULE"
+_CHILD_MODULE = "pocketlm.converters.gguf_quantize_child"
+_QUANTIZE_FAILED_STATUS = 3  # gguf_quantize_child.QUANTIZE_FAILED_STATUS (not imported: that module is the child's)
+# How often a silent child is checked for a cancel.
+_CANCEL_POLL_S = 0.1
+# Signals by which native code dies of its own accord (an assertion, a bad pointer): the input is the likely cause.
+_CRASH_SIGNALS = frozenset({signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS})
+# What ggml prints to stderr before an abort (it does not go through the log callback).
+_ABORT_SIGNS = ("GGML_ASSERT", "GGML_ABORT", "terminate called", "what()")
+_STDERR_LINES_KEPT = 20
 
 
 class GGUFQuantizer:
@@ -27,8 +48,6 @@ class GGUFQuantizer:
     target_format: ClassVar[str] = "gguf"
 
     def convert(self, source: Path, destination: Path, options: ConvertOptions, on_progress: ProgressCallback) -> ConversionResult:
-        import llama_cpp
-
         if options.quant is None:
             raise ConversionError("Quantizing needs a target type.", f"Choose one of {', '.join(QUANT_TYPES)}.")
         quant = quant_type(options.quant)
@@ -45,80 +64,138 @@ class GGUFQuantizer:
             if not str(options.imatrix).endswith(".gguf"):
                 raise ConversionError("A calibration text needs the checkpoint to compute the importance matrix from.",
                                       "Quantize through `pocketlm convert CHECKPOINT --quant ... --imatrix TEXT`, or give a llama-imatrix .gguf file.")  # fmt: skip
-            matrix = read_imatrix_file(Path(options.imatrix))
+            matrix = read_imatrix_file(Path(options.imatrix))  # a bad file is refused here, in this process's words
         check_cancel(options)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = quant.ftype
-        params.nthread = options.threads or physical_cores()
+        threads = options.threads or physical_cores()
         description = f"Quantizing {options.model_name or source.name} to {quant.name}"
         on_progress(ProgressUpdate(description, 0, None))
-        with atomic_output(destination) as temporary, _importance(matrix) as importance, _progress_from_log(description, on_progress) as log:
-            if importance is not None:
-                params.imatrix = importance
-            status = llama_cpp.llama_model_quantize(str(source).encode(), str(temporary).encode(), ctypes.byref(params))
-            # llama.cpp's quantizer cannot be interrupted; a cancel during it discards the result as it ends.
-            check_cancel(options)
-            if status != 0:
-                reason = log.problems[-1] if log.problems else f"status {status}"
-                # llama.cpp writes through a std::ofstream that throws on a failed write: a full disk, a quota or a
-                # file-size limit surface as that stream's generic "iostream error" (its reads never use streams).
-                if any(sign in reason.lower() for sign in ("space", "iostream error", "file too large", "quota")):
-                    raise NotEnoughDisk(f"There was no room to write {destination.name} while quantizing to {quant.name}; nothing was kept.",
-                                        "Free some space (or raise the limit) and run it again.")  # fmt: skip
-                raise ConversionError(f"llama.cpp could not quantize {source.name} to {quant.name}: {reason}.",
-                                      "Check that the input is an f32, f16 or bf16 GGUF that llama.cpp loads.")  # fmt: skip
+        with atomic_output(destination) as temporary, _matrix_file(matrix, destination.parent) as matrix_path:
+            child = _QuantizeChild(source, temporary, quant, threads, matrix_path)
+            child.run(description, on_progress, options)
+            if child.returncode != 0:
+                raise _failure_explained(child, source, destination, quant)
             read_gguf(temporary)  # the output must be a whole, loadable file before it replaces anything
         return ConversionResult(destination, f"quantize {quant.name}" + (" (imatrix)" if matrix else ""))
 
 
 @contextmanager
-def _importance(matrix: dict | None):  # type: ignore[no-untyped-def, type-arg]
+def _matrix_file(matrix: dict | None, folder: Path) -> Iterator[str | None]:  # type: ignore[type-arg]
+    """The importance matrix as a numpy .npz (no pickle) in a working folder beside the output, named so that the
+    store's sweep (models/leftovers.py) removes it if this process is killed."""
     if not matrix:
         yield None
         return
-    from pocketlm.converters.importance_matrix import as_quantize_parameter
+    import numpy as np
 
-    with as_quantize_parameter(matrix) as entries:  # type: ignore[arg-type]
-        yield entries
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=converting_prefix(os.getpid()), dir=folder) as working:
+        path = Path(working) / "imatrix.npz"
+        try:
+            np.savez(path, **{name: np.ascontiguousarray(values, dtype=np.float32) for name, values in matrix.items()})
+        except OSError as error:
+            raise NotEnoughDisk(f"There was no room to write the importance matrix beside {folder} ({error.strerror or error}); nothing was kept.",
+                                "Free some space (or raise the limit) and run it again.") from None  # fmt: skip
+        yield str(path)
 
 
-_log_lock = threading.Lock()
+class _QuantizeChild:
+    """One run of the child: its progress and problem lines, its last words on stderr, and how it ended."""
 
-
-class _progress_from_log:
-    """llama.cpp reports each tensor it quantizes in its log ("[  12/ 272] blk.0.attn_q.weight ..."); turn those
-    lines into progress, and keep its chatter off the terminal. The log callback is process-wide, hence the lock."""
-
-    def __init__(self, description: str, on_progress: ProgressCallback) -> None:
-        self.description, self.on_progress = description, on_progress
+    def __init__(self, source: Path, output: Path, quant: QuantType, threads: int, matrix_path: str | None) -> None:
+        module = os.environ.get(CHILD_MODULE_ENV) or _CHILD_MODULE
+        # -P: `-m` would otherwise put the working folder first on sys.path, and a numpy.py lying there would run.
+        self.command = [sys.executable, "-P", "-m", module, str(source), str(output), str(quant.ftype), str(threads), matrix_path or ""]
         self.problems: list[str] = []  # llama.cpp's warnings and errors, for the sentence if it fails
+        self.stderr: deque[str] = deque(maxlen=_STDERR_LINES_KEPT)
+        self.returncode: int | None = None
 
-    def __enter__(self) -> _progress_from_log:
-        import llama_cpp
-
-        @llama_cpp.llama_log_callback
-        def on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            if not text:
-                return
-            if match := _PROGRESS_LINE.search(text):
-                self.on_progress(ProgressUpdate(self.description, int(match[1]), int(match[2])))
-            elif level in (3, 4) and (line := text.decode("utf-8", "replace").strip()):  # GGML_LOG_LEVEL_WARN, _ERROR
-                self.problems.append(line)
-
-        self._callback = on_log  # keep a reference: llama.cpp holds only the pointer
-        _log_lock.acquire()
+    def run(self, description: str, on_progress: ProgressCallback, options: ConvertOptions) -> None:
+        # GGML_NO_BACKTRACE: on an abort ggml otherwise attaches gdb to print a backtrace, which takes seconds.
+        environment = {**os.environ, "GGML_NO_BACKTRACE": "1"}
         try:
-            llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
-        except BaseException:
-            _log_lock.release()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import llama_cpp
-        from llama_cpp import _logger
-
+            # stdin is a pipe only this process writes to: when this process dies, however, the child sees its end.
+            process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       env=environment)  # fmt: skip
+        except OSError as error:
+            raise ConversionError(f"Could not start llama.cpp's quantizer ({error}).", "Check that Python and pocketlm are installed whole.") from None
+        lines: queue.Queue[str | None] = queue.Queue()
+        readers = [threading.Thread(target=_read_lines, args=(process.stdout, lines.put, lambda: lines.put(None)), daemon=True),
+                   threading.Thread(target=_read_lines, args=(process.stderr, self.stderr.append), daemon=True)]  # fmt: skip
+        for reader in readers:
+            reader.start()
         try:
-            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))  # llama-cpp-python's own, back
+            while (line := _next_line(lines, options)) is not None:
+                kind, _, rest = line.partition(" ")
+                if kind == "progress":
+                    done, total = rest.split()
+                    on_progress(ProgressUpdate(description, int(done), int(total)))
+                elif kind == "problem":
+                    self.problems.append(rest)
+            self.returncode = process.wait()
         finally:
-            _log_lock.release()
+            if process.returncode is None:  # a cancel, Ctrl-C or an error here: the half-written output is discarded
+                process.kill()
+                process.wait()
+            assert process.stdin is not None
+            process.stdin.close()
+            for reader in readers:
+                reader.join()
+        check_cancel(options)  # a cancel that came as the child finished still discards the result
+
+    def last_words(self) -> str:
+        """Why it died: ggml's assertion on stderr if it printed one, else llama.cpp's last problem, else stderr's last line."""
+        line = next((line for line in reversed(self.stderr) if any(sign in line for sign in _ABORT_SIGNS)), None)
+        line = line or (self.problems[-1] if self.problems else None) or (self.stderr[-1] if self.stderr else "no message")
+        return line if len(line) <= 200 else line[:199] + "…"
+
+
+def _read_lines(stream: IO[bytes] | None, keep: Callable[[str], object], at_end: Callable[[], object] = lambda: None) -> None:
+    assert stream is not None
+    with stream:
+        for raw in stream:
+            if line := raw.decode("utf-8", "replace").strip():
+                keep(line)
+    at_end()
+
+
+def _next_line(lines: queue.Queue[str | None], options: ConvertOptions) -> str | None:
+    """The child's next stdout line (None at its end), checking for a cancel while it is silent."""
+    while True:
+        check_cancel(options)
+        try:
+            return lines.get(timeout=_CANCEL_POLL_S)
+        except queue.Empty:
+            continue
+
+
+def _failure_explained(child: _QuantizeChild, source: Path, destination: Path, quant: QuantType) -> PocketError:
+    returncode = child.returncode or 0
+    if returncode < 0:
+        signal_number = -returncode
+        if signal_number == signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+            return NotEnoughMemory(f"llama.cpp was killed while quantizing {source.name}, probably for lack of memory.",
+                                   "Close other programs and run it again.")  # fmt: skip
+        if signal_number in _CRASH_SIGNALS:
+            return ConversionError(
+                f"llama.cpp crashed while quantizing {source.name} ({_signal_name(signal_number)}: {child.last_words()}); "
+                "the input may be damaged.",
+                "Convert or download the f16 GGUF again, and quantize that.",
+            )
+        return ConversionError(f"llama.cpp was stopped by {_signal_name(signal_number)} while quantizing {source.name}.", "Run it again.")
+    if returncode != _QUANTIZE_FAILED_STATUS:  # the interpreter could not run the child: not llama.cpp's answer
+        return ConversionError(f"llama.cpp's quantizer could not run ({child.last_words()}).", "Check that pocketlm and llama-cpp-python are installed whole.")
+    reason = next((p for p in reversed(child.problems) if not p.startswith("status ")), None) or child.last_words()
+    # llama.cpp writes through a std::ofstream that throws on a failed write: a full disk, a quota or a
+    # file-size limit surface as that stream's generic "iostream error" (its reads never use streams).
+    if any(sign in reason.lower() for sign in ("space", "iostream error", "file too large", "quota")):
+        return NotEnoughDisk(f"There was no room to write {destination.name} while quantizing to {quant.name}; nothing was kept.",
+                             "Free some space (or raise the limit) and run it again.")  # fmt: skip
+    return ConversionError(f"llama.cpp could not quantize {source.name} to {quant.name}: {reason}.",
+                           "Check that the input is an f32, f16 or bf16 GGUF that llama.cpp loads.")  # fmt: skip
+
+
+def _signal_name(signal_number: int) -> str:
+    try:
+        return f"signal {signal.Signals(signal_number).name}"
+    except ValueError:
+        return f"signal {signal_number}"

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from pocketlm.models.errors import ModelFileError, NotEnoughMemory, PocketError
+from pocketlm.models.native_child import ABORT_SIGNS, CRASH_SIGNALS, child_command, child_environment, shortened, signal_name
 
 _log = logging.getLogger(__name__)
 
@@ -37,15 +38,12 @@ PYTHON_ERROR_STATUS = 3
 PROBE_TIMEOUT_S = 600
 _PROBE_CONTEXT = 64
 # The lines worth showing from the child's stderr, most telling first.
-_NOTEWORTHY = (re.compile(r"GGML_ASSERT|GGML_ABORT|terminate called|what\(\)"), re.compile(r"error|fatal|failed", re.IGNORECASE))
+_NOTEWORTHY = (ABORT_SIGNS, re.compile(r"error|fatal|failed", re.IGNORECASE))
 # What ggml and its GPU backends print when an allocation fails before they abort, most telling first (a bare CUDA
 # error while opening a model is most often a failed allocation). Only the last lines count: the load log before them
 # may mention other, harmless, failures.
 _OUT_OF_MEMORY = (re.compile(r"out of memory|bad_alloc", re.IGNORECASE), re.compile(r"(failed|unable) to allocate|CUDA error", re.IGNORECASE))
 _LAST_LINES = 8
-# Signals by which native code dies of its own accord (an assertion, a bad pointer, a bad instruction): with llama.cpp
-# opening a file that passed the header checks, the file is the likely cause. Any other signal came from outside.
-_CRASH_SIGNALS = frozenset({signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS})
 _DAMAGE_HINT = "Download or convert the model again."
 
 
@@ -88,15 +86,10 @@ def ensure_llama_cpp_survives(model_path: Path, gpu_layers: int, threads: int) -
 
 def run_probe(model_path: Path, gpu_layers: int, threads: int, timeout_s: float = PROBE_TIMEOUT_S) -> ProbeResult:
     """Run the child and say how it went; raise the PocketError that explains its death if it died."""
-    module = os.environ.get(PROBE_MODULE_ENV) or _THIS_MODULE
-    # -P: `-m` would otherwise put the working folder first on sys.path, and a numpy.py or json.py lying there would
-    # be imported (and run) by the child. PYTHONPATH still counts.
-    command = [sys.executable, "-P", "-m", module, str(model_path), str(gpu_layers), str(threads)]
-    # GGML_NO_BACKTRACE: on an abort ggml otherwise attaches gdb to print a backtrace, which takes seconds.
-    environment = {**os.environ, "GGML_NO_BACKTRACE": "1"}
+    command = child_command(os.environ.get(PROBE_MODULE_ENV) or _THIS_MODULE, str(model_path), str(gpu_layers), str(threads))
     try:
         child = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env=environment, timeout=timeout_s)  # fmt: skip
+                               env=child_environment(), timeout=timeout_s)  # fmt: skip
     except subprocess.TimeoutExpired:
         raise PocketError(
             f"Opening {model_path.name} with llama.cpp took longer than {timeout_s:g} s, so it was stopped.",
@@ -126,24 +119,17 @@ def _death_explained(model_path: Path, signal_number: int, stderr: bytes, gpu_la
     last_lines = _stderr_lines(stderr)[-_LAST_LINES:]
     if allocation := next((line for pattern in _OUT_OF_MEMORY for line in reversed(last_lines) if pattern.search(line)), None):
         return NotEnoughMemory(
-            f"llama.cpp ran out of memory while opening {model_path.name} ({_shortened(allocation)}).", memory_hint
+            f"llama.cpp ran out of memory while opening {model_path.name} ({shortened(allocation)}).", memory_hint
         )
-    if signal_number not in _CRASH_SIGNALS:
+    if signal_number not in CRASH_SIGNALS:
         return PocketError(
-            f"llama.cpp was stopped by {_signal_name(signal_number)} while opening {model_path.name}.", "Try again."
+            f"llama.cpp was stopped by {signal_name(signal_number)} while opening {model_path.name}.", "Try again."
         )
     return ModelFileError(
-        f"llama.cpp crashed while opening {model_path.name} ({_signal_name(signal_number)}: {_last_words(stderr)}); "
+        f"llama.cpp crashed while opening {model_path.name} ({signal_name(signal_number)}: {_last_words(stderr)}); "
         "the file is probably damaged.",
         _DAMAGE_HINT,
     )
-
-
-def _signal_name(signal_number: int) -> str:
-    try:
-        return f"signal {signal.Signals(signal_number).name}"
-    except ValueError:
-        return f"signal {signal_number}"
 
 
 def _stderr_lines(stderr: bytes) -> list[str]:
@@ -155,12 +141,7 @@ def _last_words(stderr: bytes) -> str:
     lines = _stderr_lines(stderr)
     if not lines:
         return "no message"
-    return _shortened(next((line for pattern in _NOTEWORTHY for line in reversed(lines) if pattern.search(line)), lines[-1]))
-
-
-def _shortened(line: str) -> str:
-    line = re.sub(r"(?:[^\s:]*/)+([^\s/:]+:\d+)", r"\1", line)  # /tmp/pip-…/src/llama-vocab.cpp:2544 → llama-vocab.cpp:2544
-    return line if len(line) <= 200 else line[:199] + "…"
+    return shortened(next((line for pattern in _NOTEWORTHY for line in reversed(lines) if pattern.search(line)), lines[-1]))
 
 
 def _probe(model_path: str, gpu_layers: int, threads: int) -> None:

@@ -12,7 +12,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 from collections import deque
@@ -27,6 +26,7 @@ from pocketlm.models.errors import NotEnoughDisk, NotEnoughMemory, PocketError
 from pocketlm.models.fit import physical_cores
 from pocketlm.models.gguf_info import read_gguf
 from pocketlm.models.leftovers import converting_prefix
+from pocketlm.models.native_child import ABORT_SIGNS, CRASH_SIGNALS, child_command, child_environment, shortened, signal_name
 from pocketlm.models.progress import ProgressCallback, ProgressUpdate
 
 # Test seam: the module run as the child instead of the real one (tests use one that aborts). Never set in normal use.
@@ -35,10 +35,6 @@ _CHILD_MODULE = "pocketlm.converters.gguf_quantize_child"
 _QUANTIZE_FAILED_STATUS = 3  # gguf_quantize_child.QUANTIZE_FAILED_STATUS (not imported: that module is the child's)
 # How often a silent child is checked for a cancel.
 _CANCEL_POLL_S = 0.1
-# Signals by which native code dies of its own accord (an assertion, a bad pointer): the input is the likely cause.
-_CRASH_SIGNALS = frozenset({signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGTRAP, signal.SIGSYS})
-# What ggml prints to stderr before an abort (it does not go through the log callback).
-_ABORT_SIGNS = ("GGML_ASSERT", "GGML_ABORT", "terminate called", "what()")
 _STDERR_LINES_KEPT = 20
 
 
@@ -102,20 +98,17 @@ class _QuantizeChild:
     """One run of the child: its progress and problem lines, its last words on stderr, and how it ended."""
 
     def __init__(self, source: Path, output: Path, quant: QuantType, threads: int, matrix_path: str | None) -> None:
-        module = os.environ.get(CHILD_MODULE_ENV) or _CHILD_MODULE
-        # -P: `-m` would otherwise put the working folder first on sys.path, and a numpy.py lying there would run.
-        self.command = [sys.executable, "-P", "-m", module, str(source), str(output), str(quant.ftype), str(threads), matrix_path or ""]
+        self.command = child_command(os.environ.get(CHILD_MODULE_ENV) or _CHILD_MODULE, str(source), str(output), str(quant.ftype),
+                                     str(threads), matrix_path or "")  # fmt: skip
         self.problems: list[str] = []  # llama.cpp's warnings and errors, for the sentence if it fails
         self.stderr: deque[str] = deque(maxlen=_STDERR_LINES_KEPT)
         self.returncode: int | None = None
 
     def run(self, description: str, on_progress: ProgressCallback, options: ConvertOptions) -> None:
-        # GGML_NO_BACKTRACE: on an abort ggml otherwise attaches gdb to print a backtrace, which takes seconds.
-        environment = {**os.environ, "GGML_NO_BACKTRACE": "1"}
         try:
             # stdin is a pipe only this process writes to: when this process dies, however, the child sees its end.
             process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       env=environment)  # fmt: skip
+                                       env=child_environment())  # fmt: skip
         except OSError as error:
             raise ConversionError(f"Could not start llama.cpp's quantizer ({error}).", "Check that Python and pocketlm are installed whole.") from None
         lines: queue.Queue[str | None] = queue.Queue()
@@ -144,9 +137,8 @@ class _QuantizeChild:
 
     def last_words(self) -> str:
         """Why it died: ggml's assertion on stderr if it printed one, else llama.cpp's last problem, else stderr's last line."""
-        line = next((line for line in reversed(self.stderr) if any(sign in line for sign in _ABORT_SIGNS)), None)
-        line = line or (self.problems[-1] if self.problems else None) or (self.stderr[-1] if self.stderr else "no message")
-        return line if len(line) <= 200 else line[:199] + "…"
+        line = next((line for line in reversed(self.stderr) if ABORT_SIGNS.search(line)), None)
+        return shortened(line or (self.problems[-1] if self.problems else None) or (self.stderr[-1] if self.stderr else "no message"))
 
 
 def _read_lines(stream: IO[bytes] | None, keep: Callable[[str], object], at_end: Callable[[], object] = lambda: None) -> None:
@@ -175,13 +167,13 @@ def _failure_explained(child: _QuantizeChild, source: Path, destination: Path, q
         if signal_number == signal.SIGKILL:  # what the kernel's out-of-memory killer sends
             return NotEnoughMemory(f"llama.cpp was killed while quantizing {source.name}, probably for lack of memory.",
                                    "Close other programs and run it again.")  # fmt: skip
-        if signal_number in _CRASH_SIGNALS:
+        if signal_number in CRASH_SIGNALS:
             return ConversionError(
-                f"llama.cpp crashed while quantizing {source.name} ({_signal_name(signal_number)}: {child.last_words()}); "
+                f"llama.cpp crashed while quantizing {source.name} ({signal_name(signal_number)}: {child.last_words()}); "
                 "the input may be damaged.",
                 "Convert or download the f16 GGUF again, and quantize that.",
             )
-        return ConversionError(f"llama.cpp was stopped by {_signal_name(signal_number)} while quantizing {source.name}.", "Run it again.")
+        return ConversionError(f"llama.cpp was stopped by {signal_name(signal_number)} while quantizing {source.name}.", "Run it again.")
     if returncode != _QUANTIZE_FAILED_STATUS:  # the interpreter could not run the child: not llama.cpp's answer
         return ConversionError(f"llama.cpp's quantizer could not run ({child.last_words()}).", "Check that pocketlm and llama-cpp-python are installed whole.")
     reason = next((p for p in reversed(child.problems) if not p.startswith("status ")), None) or child.last_words()
@@ -193,9 +185,3 @@ def _failure_explained(child: _QuantizeChild, source: Path, destination: Path, q
     return ConversionError(f"llama.cpp could not quantize {source.name} to {quant.name}: {reason}.",
                            "Check that the input is an f32, f16 or bf16 GGUF that llama.cpp loads.")  # fmt: skip
 
-
-def _signal_name(signal_number: int) -> str:
-    try:
-        return f"signal {signal.Signals(signal_number).name}"
-    except ValueError:
-        return f"signal {signal_number}"

@@ -241,29 +241,34 @@ class ChatFormat:
 
     `control_tokens` are the vocabulary's strings that the tokenizer turns into control tokens when it parses
     special tokens; they are escaped in message contents, and decide which standard template can replace a broken one.
+    `user_defined_tokens` are the strings it turns into tokens in any text: those the template writes as turn markers
+    (Command-R's <|START_OF_TURN_TOKEN|>, gpt-oss's <|start|>) are escaped too, and listed in `markers`; the others
+    (Gemma's <h1>, say) stay what the model was trained to read in ordinary text.
     """
 
     def __init__(self, template: str | None, architecture: str, bos_token: str = "", eos_token: str = "",
-                 control_tokens: frozenset[str] = frozenset()) -> None:  # fmt: skip
+                 control_tokens: frozenset[str] = frozenset(), user_defined_tokens: frozenset[str] = frozenset()) -> None:  # fmt: skip
         self._template = template
         self._bos_token, self._eos_token = bos_token, eos_token
         self._fallback = fallback_template(architecture, control_tokens)
-        # Longest first, as llama.cpp matches them: "<|im_start|>" before a shorter token that is its prefix.
-        ordered = sorted(control_tokens, key=len, reverse=True)
-        self._control_pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
         self._notice: str | None = None
         self._render_failed = False  # warned once about a conversation the template could not render
         self.load_warning: str | None = None
         try:
-            render_chat(_SAMPLE_CONVERSATION, template, bos_token, eos_token)
+            sample = render_chat(_SAMPLE_CONVERSATION, template, bos_token, eos_token)
         except TemplateFailed as error:
             self._replace_template(error)
             self.load_warning, self._notice = self._notice, None
+            sample = self._sample_or_nothing()
+        # Where the template's turn markers can be seen: in what it makes of a small conversation.
+        self.markers = frozenset(text for text in user_defined_tokens if text.strip() and text in sample)
+        # Longest first, as llama.cpp matches them: "<|im_start|>" before a shorter token that is its prefix.
+        ordered = sorted(control_tokens | self.markers, key=len, reverse=True)
+        self._control_pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
-    def sample_prompt(self) -> str:
-        """A small conversation as this template writes it: where its turn markers can be seen."""
+    def _sample_or_nothing(self) -> str:
         try:
-            return self.render_text(_SAMPLE_CONVERSATION)
+            return render_chat(_SAMPLE_CONVERSATION, self._template, self._bos_token, self._eos_token)
         except TemplateFailed:
             return ""
 

@@ -151,15 +151,11 @@ class LlamaCppChatModel:
         self._loop = DecodeLoop(llm)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         controls, user_defined = _special_tokens(self._vocab)
-        template = (summary.chat_template, summary.architecture, summary.bos_token, summary.eos_token)
-        # User-defined tokens are parsed in any text, so those the template writes as turn markers (Command-R's
-        # <|START_OF_TURN_TOKEN|>, gpt-oss's <|start|>) are escaped in messages too; the others (Gemma's <h1>, say)
-        # stay what the model was trained to read in ordinary text.
-        sample = ChatFormat(*template, control_tokens=frozenset(controls)).sample_prompt()
-        markers = {text: token for text, token in user_defined.items() if text.strip() and text in sample}
-        self._control_ids = {**controls, **markers}
-        self._marker_ids = frozenset(markers.values())
-        self._format = ChatFormat(*template, control_tokens=frozenset(self._control_ids))
+        self._format = ChatFormat(summary.chat_template, summary.architecture, summary.bos_token, summary.eos_token,
+                                  control_tokens=frozenset(controls), user_defined_tokens=frozenset(user_defined))  # fmt: skip
+        # The strings escaped in messages, by token id: the control tokens and the template's user-defined turn markers.
+        self._control_ids = {**controls, **{text: user_defined[text] for text in self._format.markers}}
+        self._marker_ids = frozenset(user_defined[text] for text in self._format.markers)
         self.description = ModelDescription(
             name=summary.path.stem,
             backend=LlamaCppBackend.name,

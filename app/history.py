@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -115,12 +116,16 @@ class ConversationStore:
         self._lock = threading.Lock()
         with self._lock:
             migrate(self._connection, "conversations", _MIGRATIONS)
-        self._writer = (os.getpid(), _process_started(os.getpid()))
         self._mark_interrupted()
 
     def _execute(self, sql: str, parameters: tuple | dict = ()) -> list:  # type: ignore[type-arg]
         with self._lock:
             return self._connection.execute(sql, parameters).fetchall()
+
+    @cached_property
+    def _writer(self) -> tuple[int, float | None]:
+        """This process as the writer of the replies it streams (asked of psutil only once a reply is written)."""
+        return os.getpid(), _process_started(os.getpid())
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -190,7 +195,11 @@ class ConversationStore:
 
     def _streamed(self, message_id: int) -> str:
         """The batches of a reply still streaming, joined."""
-        rows = self._execute("SELECT text FROM message_chunks WHERE message_id = ? ORDER BY seq", (message_id,))
+        with self._lock:
+            return self._streamed_locked(message_id)
+
+    def _streamed_locked(self, message_id: int) -> str:
+        rows = self._connection.execute("SELECT text FROM message_chunks WHERE message_id = ? ORDER BY seq", (message_id,)).fetchall()
         return "".join(row["text"] for row in rows)
 
     def chat_messages(self, conversation_id: int) -> list[ChatMessage]:
@@ -245,16 +254,14 @@ class ConversationStore:
     def finish_message(self, message_id: int, status: MessageStatus, stats: GenerationStats | None = None, tail: str = "") -> None:
         """End a reply: its batches and `tail` joined into its text, with its status and stats, in one transaction."""
         with self._transaction():
-            chunks = self._connection.execute("SELECT text FROM message_chunks WHERE message_id = ? ORDER BY seq", (message_id,)).fetchall()
-            streamed = "".join(row["text"] for row in chunks) + tail
+            streamed = self._streamed_locked(message_id) + tail
             self._connection.execute(
                 "UPDATE messages SET content = content || ?, status = ?, prompt_tokens = ?, generated_tokens = ?,"
                 " tokens_per_second = ?, stop_reason = ?, writer_pid = NULL, writer_started = NULL WHERE id = ?",
                 (streamed, status, stats and stats.prompt_tokens, stats and stats.generated_tokens,
                  stats and stats.tokens_per_second, stats and stats.stop_reason, message_id),
             )  # fmt: skip
-            if chunks:
-                self._connection.execute("DELETE FROM message_chunks WHERE message_id = ?", (message_id,))
+            self._connection.execute("DELETE FROM message_chunks WHERE message_id = ?", (message_id,))
 
     def close(self) -> None:
         self._connection.close()

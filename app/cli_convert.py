@@ -25,12 +25,11 @@ def _source(store, query: str):  # type: ignore[no-untyped-def]
 def _run(store, source, options) -> None:  # type: ignore[no-untyped-def]
     from rich.console import Console
 
+    from pocketlm.app.interrupts import ctrl_c_sets, in_worker
     from pocketlm.app.progress_view import rich_progress
     from pocketlm.converters.conversion_job import convert_model
     from pocketlm.models.errors import Cancelled
     from pocketlm.models.fit import human_bytes
-
-    from pocketlm.app.interrupts import ctrl_c_sets, in_worker
 
     try:
         with ctrl_c_sets(options.cancel), rich_progress(Console(stderr=True), unit="tensors") as show_progress:

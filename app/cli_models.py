@@ -15,6 +15,7 @@ from pocketlm.app.interrupts import ctrl_c_sets, in_worker
 if TYPE_CHECKING:
     from pocketlm.models.store import ModelStore
 
+
 def _store() -> ModelStore:
     from pocketlm.models.locations import database_path
     from pocketlm.models.store import ModelStore

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from pocketlm.models.errors import ModelFileError, NotEnoughMemory, PocketError
+from pocketlm.models.gguf_info import DAMAGED_MODEL_HINT
 from pocketlm.models.native_child import ABORT_SIGNS, CRASH_SIGNALS, child_command, child_environment, shortened, signal_name
 
 _log = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ _NOTEWORTHY = (ABORT_SIGNS, re.compile(r"error|fatal|failed", re.IGNORECASE))
 # may mention other, harmless, failures.
 _OUT_OF_MEMORY = (re.compile(r"out of memory|bad_alloc", re.IGNORECASE), re.compile(r"(failed|unable) to allocate|CUDA error", re.IGNORECASE))
 _LAST_LINES = 8
-_DAMAGE_HINT = "Download or convert the model again."
 
 
 class ProbeResult(enum.Enum):
@@ -128,7 +128,7 @@ def _death_explained(model_path: Path, signal_number: int, stderr: bytes, gpu_la
     return ModelFileError(
         f"llama.cpp crashed while opening {model_path.name} ({signal_name(signal_number)}: {_last_words(stderr)}); "
         "the file is probably damaged.",
-        _DAMAGE_HINT,
+        DAMAGED_MODEL_HINT,
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol
 
-from pocketlm.models.durable import durable_replace
+from pocketlm.models.durable import NO_ROOM_ERRNOS, durable_replace
 from pocketlm.models.errors import Cancelled, NotEnoughDisk, PocketError
 from pocketlm.models.leftovers import partial_name
 from pocketlm.models.progress import ProgressCallback
@@ -57,8 +57,6 @@ class Converter(Protocol):
 def atomic_output(destination: Path) -> Iterator[Path]:
     """A temporary path beside `destination`, renamed onto it only if the block finishes: Ctrl-C, an error or a full
     disk leave no half-written model behind."""
-    import errno
-
     destination.parent.mkdir(parents=True, exist_ok=True)
     # The process id in the name tells the store's sweep (models/leftovers.py) whether a kill -9 left it behind.
     temporary = destination.with_name(partial_name(destination.name, os.getpid()))
@@ -68,7 +66,7 @@ def atomic_output(destination: Path) -> Iterator[Path]:
     except OSError as error:
         # Disk full, over quota, over the file-size limit; numpy reports the same as a short write without an errno.
         short_write = error.errno is None and "written" in str(error)
-        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or short_write:
+        if error.errno in NO_ROOM_ERRNOS or short_write:
             raise NotEnoughDisk(f"There was no room to write {destination.name} ({error.strerror or error}); nothing was kept.",
                                 "Free some space (or raise the limit) and run it again.") from None  # fmt: skip
         raise

@@ -6,6 +6,8 @@ import errno
 import os
 from pathlib import Path
 
+# A full disk, a quota, a file-size limit (ulimit -f): no room to write, whichever (EDQUOT is not on every system).
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG})
 # Filesystems that cannot flush a folder (some FUSE, SMB and VirtualBox mounts) say so with these; the rename has
 # happened all the same, so the work is not lost over it.
 _CANNOT_SYNC_FOLDER = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EPERM}

@@ -26,6 +26,7 @@ _MAX_DIMS = 4
 _MAX_NAME = 64
 _INT64_MAX = 2**63 - 1
 _UINT64_MAX = 2**64 - 1
+DAMAGED_MODEL_HINT = "Download or convert the model again."
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def _read_header(path: Path, data: mmap.mmap, file_size: int) -> GGUFHeader:
     cursor.offset = 4
     version = cursor.unpack("I")
     if version not in (2, 3):
-        raise ModelFileError(f"{path.name} is a GGUF version {version} file, which this reader does not know.", _HINT)
+        raise ModelFileError(f"{path.name} is a GGUF version {version} file, which this reader does not know.", DAMAGED_MODEL_HINT)
     tensor_count, kv_count = cursor.unpack("Q"), cursor.unpack("Q")
     if tensor_count > file_size or kv_count > file_size:
         raise HeaderDamage("its header counts are impossible for its size")
@@ -188,11 +189,8 @@ def _read_header(path: Path, data: mmap.mmap, file_size: int) -> GGUFHeader:
     return header
 
 
-_HINT = "Download or convert the model again."
-
-
 def _damaged(path: Path, what: str) -> ModelFileError:
-    return ModelFileError(f"{path.name} is {what}.", _HINT)
+    return ModelFileError(f"{path.name} is {what}.", DAMAGED_MODEL_HINT)
 
 
 def read_gguf(path: Path) -> GGUFSummary:
@@ -230,12 +228,7 @@ def _summarise(path: Path, header: GGUFHeader) -> GGUFSummary:
 
     metadata = header.metadata
     architecture = header.architecture
-
-    def arch_int(key: str, default: int = 0) -> int:
-        value = metadata.get(f"{architecture}.{key}", default)
-        if isinstance(value, list):  # per-layer values (e.g. head_count_kv in some models): the largest one
-            value = max(value, default=default)
-        return int(value)  # type: ignore[call-overload]
+    arch_int = header.arch_value  # per-layer values (e.g. head_count_kv in some models): the largest one
 
     tokens = header.tokens
 

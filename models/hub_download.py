@@ -8,7 +8,6 @@ transfer itself lives here; everything around it (URLs, auth headers, redirects,
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
-from pocketlm.models.durable import durable_replace, fsync_path
+from pocketlm.models.durable import NO_ROOM_ERRNOS, durable_replace, fsync_path
 from pocketlm.models.errors import Cancelled, HubError, HubUnreachable, ModelFileError, NotEnoughDisk
 from pocketlm.models.hub import RemoteFile, RemoteRepo, hub_endpoint, hub_errors, repo_cache_dir
 from pocketlm.models.leftovers import partial_name, sweep_leftovers
@@ -36,7 +35,6 @@ _RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 _LOCK_POLL_S = 0.25
 # How long another process may hold a file's download lock while its download does not grow (a stalled network).
 _LOCK_PATIENCE_S = 180
-_NO_ROOM = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}  # a full disk, a quota, a file-size limit (ulimit -f)
 
 
 @dataclass(frozen=True)
@@ -345,7 +343,7 @@ def _cache_writes(where: Path) -> Iterator[None]:
     except OSError as error:
         if isinstance(error, ConnectionError) or error.errno is None:
             raise
-        if error.errno in _NO_ROOM:
+        if error.errno in NO_ROOM_ERRNOS:
             raise NotEnoughDisk(f"No room to write the download in {where} ({error.strerror or error}).",
                                 "Free some space (or raise the file-size limit), then pull again to resume.") from None  # fmt: skip
         raise HubError(f"Cannot write to the Hugging Face cache at {where}: {error.strerror or error}.",

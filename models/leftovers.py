@@ -3,8 +3,8 @@
 Work in progress is named after the process doing it: `.converting-<pid>-<random>/` (a conversion's working folder),
 `.<file>.<pid>.partial` (an output being written) and `.<file>.<pid>.registering` (an output that is finished, or about
 to be, and not yet in the registry). A kill -9 runs no cleanup, so the next pocketlm to open the store deletes those
-whose process is gone, and with a `.registering` mark the output it names, unless the registry has it after all. A live process's work is never touched; a process id reused by another
-program only delays the sweep to a later start. Resumable Hub downloads (`*.pocketlm-partial`) live in the Hugging Face
+whose process is gone, and with a `.registering` mark the output it names, unless the registry has it after all. A
+live process's work is never touched; a process id reused by another program only delays the sweep to a later start. Resumable Hub downloads (`*.pocketlm-partial`) live in the Hugging Face
 cache, not here, and are kept on purpose.
 """
 

@@ -13,15 +13,21 @@ from pocketlm.models.store import ModelStore
 from tests.app.test_chat_app import SIZE, wait_for
 
 
+async def open_convert_screen(pilot, source: str) -> ConvertScreen:  # type: ignore[no-untyped-def]
+    """F4 from Chat, then `source` chosen as the model to convert."""
+    await pilot.press("f4")
+    await wait_for(pilot, lambda: isinstance(pilot.app.screen, ConvertScreen))
+    screen: ConvertScreen = pilot.app.screen
+    screen.query_one("#convert-source", Select).value = source
+    await pilot.pause()
+    return screen
+
+
 async def test_convert_a_checkpoint_to_q4_k_m_and_chat_with_it(store_with_starter: ModelStore, starter_checkpoint: Path) -> None:
     store_with_starter.register(starter_checkpoint, source="import", name="HuggingFaceTB/SmolLM2-135M-Instruct")
     app = PocketApp()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("f4")
-        await wait_for(pilot, lambda: isinstance(app.screen, ConvertScreen))
-        screen: ConvertScreen = app.screen  # type: ignore[assignment]
-        screen.query_one("#convert-source", Select).value = "HuggingFaceTB/SmolLM2-135M-Instruct"
-        await pilot.pause()
+        screen = await open_convert_screen(pilot, "HuggingFaceTB/SmolLM2-135M-Instruct")
         quants = screen.query_one("#convert-quant", OptionList)
         labels = [str(quants.get_option_at_index(i).prompt) for i in range(quants.option_count)]
         assert labels[0].startswith("none: keep f16") and "269.0 MB" in labels[0]  # 134.5M parameters at 2 bytes

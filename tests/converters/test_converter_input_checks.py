@@ -154,21 +154,17 @@ def test_click_usage_errors_still_pass_through(pocket_home: Path) -> None:
 
 async def test_the_app_shows_an_unforeseen_conversion_failure_as_a_notification(store_with_starter: ModelStore, checkpoint: Path,
                                                                                 pocket_home: Path) -> None:  # fmt: skip
-    from textual.widgets import Label, Select
+    from textual.widgets import Label
 
     from pocketlm.app.pocket_app import PocketApp
-    from pocketlm.app.screens.convert import ConvertScreen
     from tests.app.test_chat_app import SIZE, wait_for
+    from tests.app.test_convert_screen import open_convert_screen
 
     edit_config(checkpoint, rms_norm_eps="tiny")
     store_with_starter.register(checkpoint, source="import", name="broken-checkpoint")
     app = PocketApp()
     async with app.run_test(size=SIZE) as pilot:
-        await pilot.press("f4")
-        await wait_for(pilot, lambda: isinstance(app.screen, ConvertScreen))
-        screen: ConvertScreen = app.screen  # type: ignore[assignment]
-        screen.query_one("#convert-source", Select).value = "broken-checkpoint"
-        await pilot.pause()
+        screen = await open_convert_screen(pilot, "broken-checkpoint")
         await pilot.click("#convert-start")
         await wait_for(pilot, lambda: not screen.running, timeout=120)
         shown = str(screen.query_one("#convert-label", Label).render())

@@ -36,9 +36,13 @@ class AdapterSpec:
 class LoadOptions:
     context_length: int | None = None  # None: the engine's default, bounded by what the model was trained for
     threads: int | None = None  # None: the engine picks (physical cores)
-    gpu_layers: int = 0  # layers to offload; -1 for all
+    gpu_layers: int = 0  # llama.cpp: layers to offload; -1 for all
+    device: str | None = None  # PyTorch and MLX: "cuda", "cuda:1", "cpu", "mps"; None: the best this machine has
+    dtype: str | None = None  # PyTorch: "float32", "float16", "bfloat16"; None: bf16/f16 on a GPU, float32 on a CPU
     adapters: tuple[AdapterSpec, ...] = ()
     force: bool = False  # load even when the memory estimate says it will not fit
+    beside_ui: bool = False  # the app's UI thread shares the cores: an engine whose threads wait for each other keeps one free
+    trust_remote_code: bool = False  # run a checkpoint's own Python code (transformers); only when the user asks
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,7 @@ class ModelDescription:
     quantization: str
     context_length: int  # the loaded context window, in tokens
     warnings: tuple[str, ...] = ()  # what the user should read once after loading (e.g. a replaced chat template)
+    device: str = ""  # where this model runs, as loaded: "CPU", "CPU + GPU (all layers)", "CUDA: NVIDIA H200, bfloat16"
 
 
 @runtime_checkable
@@ -136,6 +141,18 @@ class Backend(Protocol):
     @classmethod
     def is_available(cls) -> bool:
         """Whether its engine library is installed; must not import it."""
+        ...
+
+    @classmethod
+    def priority(cls, model_format: str) -> int:
+        """Rank among the installed backends that load `model_format`: the lowest opens it by default (PyTorch before
+        MLX for safetensors on Linux, MLX first on a Mac)."""
+        ...
+
+    @classmethod
+    def device_summary(cls) -> str:
+        """Where it would run on this machine, for `pocketlm backends`: "CUDA: NVIDIA H200, 139.8 GiB", "CPU, 2 cores".
+        May import the engine library (never called by --help); only when is_available()."""
         ...
 
     def load(self, model_path: Path, options: LoadOptions) -> ChatModel: ...

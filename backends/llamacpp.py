@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import importlib.util
 import threading
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from pocketlm.backends.base import (
-    ChatMessage,
-    ContextTrimmed,
-    GenerationEvent,
-    GenerationStats,
-    LoadOptions,
-    ModelDescription,
-    Notice,
-    SamplingParams,
-    StopReason,
-    TextPiece,
-)
+from pocketlm.backends.base import ChatMessage, GenerationEvent, LoadOptions, ModelDescription, SamplingParams
 from pocketlm.backends.chat_template import ChatFormat, RenderedPrompt
-from pocketlm.backends.context_window import fit_conversation
 from pocketlm.backends.llamacpp_probe import ensure_llama_cpp_survives
-from pocketlm.backends.streaming import StopStringFilter
+from pocketlm.backends.streaming import BytePieces, PromptTokenizer, ReplyEngine, TokenSteps, stream_reply
+from pocketlm.backends.threads import engine_threads
 from pocketlm.models.errors import ModelFileError, PocketError
 from pocketlm.models.fit import DEFAULT_CONTEXT_LENGTH, estimate_gguf_memory, physical_cores, require_fit
 from pocketlm.models.gguf_info import GGUFSummary, read_gguf
@@ -48,7 +36,19 @@ class LlamaCppBackend:
     def is_available(cls) -> bool:
         return importlib.util.find_spec("llama_cpp") is not None
 
+    @classmethod
+    def priority(cls, model_format: str) -> int:
+        return 0  # the only engine for GGUF
+
+    @classmethod
+    def device_summary(cls) -> str:
+        import llama_cpp
+
+        where = "CPU, GPU offload supported" if llama_cpp.llama_supports_gpu_offload() else "CPU"
+        return f"{where}, {physical_cores()} physical cores"
+
     def load(self, model_path: Path, options: LoadOptions) -> LlamaCppChatModel:
+        gpu_layers = _gpu_layers(options)
         summary = read_gguf(model_path)
         # The default never exceeds what the model was trained for; an explicit --ctx is the user's call.
         context_length = min(options.context_length or min(DEFAULT_CONTEXT_LENGTH, summary.context_length), 2**24)
@@ -57,10 +57,10 @@ class LlamaCppBackend:
         if options.adapters:
             raise PocketError("The llama.cpp backend does not load LoRA adapters yet.", "Load the model without --adapter.")
 
-        threads = options.threads or physical_cores()
+        threads = options.threads or engine_threads(options.beside_ui)
         # llama.cpp aborts the whole process on some damage no header check foresees: a file it has never opened on
         # this machine is opened in a child process first, which dies in our place (ModelFileError with its reason).
-        ensure_llama_cpp_survives(model_path, options.gpu_layers, threads)
+        ensure_llama_cpp_survives(model_path, gpu_layers, threads)
 
         from llama_cpp import Llama
 
@@ -70,7 +70,7 @@ class LlamaCppBackend:
             n_batch=min(512, context_length),
             n_threads=threads,
             n_threads_batch=threads,
-            n_gpu_layers=options.gpu_layers,
+            n_gpu_layers=gpu_layers,
             seed=_RANDOM_SEED,
             verbose=False,
         )
@@ -81,7 +81,7 @@ class LlamaCppBackend:
                 f"llama.cpp could not load {model_path.name} (architecture {summary.architecture!r}): {error}.",
                 "The file may be damaged, or of an architecture this llama.cpp build does not support.",
             ) from None
-        return LlamaCppChatModel(llm, summary, context_length)
+        return LlamaCppChatModel(llm, summary, context_length, _placement(gpu_layers))
 
     @staticmethod
     def _create(llama_class: type[Llama], settings: dict) -> Llama:  # type: ignore[type-arg]
@@ -94,6 +94,25 @@ class LlamaCppBackend:
             if "context" not in str(error).lower():
                 raise
         return llama_class(**settings, flash_attn=False)
+
+
+def _gpu_layers(options: LoadOptions) -> int:
+    """The layers to offload, from the options llama.cpp has; the PyTorch-only ones are refused rather than ignored.
+
+    --device cpu means what it says to a llama.cpp user too (no offload); a GPU device is not how llama.cpp places
+    layers (--gpu-layers is), and a GGUF's tensors run in their own stored types, so --dtype has no meaning here."""
+    if options.dtype is not None:
+        raise PocketError("llama.cpp runs the GGUF's own types; --dtype is for the torch backend.",
+                          "Leave out --dtype, or pick a GGUF of another quantization (see `pocketlm convert`).")  # fmt: skip
+    if options.device is None:
+        return options.gpu_layers
+    if options.device == "cpu":
+        if options.gpu_layers != 0:
+            raise PocketError(f"--device cpu and --gpu-layers {options.gpu_layers} disagree: llama.cpp would offload layers to a GPU.",
+                              "Give one of them: --gpu-layers 0 (or --device cpu) runs on the CPU only.")  # fmt: skip
+        return 0
+    raise PocketError(f"llama.cpp does not take a device ({options.device!r}); it offloads layers to its GPU with --gpu-layers.",
+                      "Use --gpu-layers N (-1 for all layers) instead of --device.")  # fmt: skip
 
 
 @lru_cache(maxsize=1)
@@ -135,8 +154,17 @@ def _special_tokens(vocab: object) -> tuple[dict[str, int], dict[str, int]]:
     return controls, always
 
 
+def _placement(gpu_layers: int) -> str:
+    """Where llama.cpp runs the loaded model: offloading is asked with gpu_layers and happens only in a GPU build."""
+    import llama_cpp
+
+    if gpu_layers == 0 or not llama_cpp.llama_supports_gpu_offload():
+        return "CPU"
+    return "CPU + GPU (all layers)" if gpu_layers < 0 else f"CPU + GPU ({gpu_layers} layers)"
+
+
 class LlamaCppChatModel:
-    def __init__(self, llm: Llama, summary: GGUFSummary, context_length: int) -> None:
+    def __init__(self, llm: Llama, summary: GGUFSummary, context_length: int, device: str = "CPU") -> None:
         import llama_cpp
 
         from pocketlm.backends.llamacpp_decoding import DecodeLoop
@@ -155,7 +183,9 @@ class LlamaCppChatModel:
                                   control_tokens=frozenset(controls), user_defined_tokens=frozenset(user_defined))  # fmt: skip
         # The strings escaped in messages, by token id: the control tokens and the template's user-defined turn markers.
         self._control_ids = {**controls, **{text: user_defined[text] for text in self._format.markers}}
-        self._marker_ids = frozenset(user_defined[text] for text in self._format.markers)
+        marker_ids = frozenset(user_defined[text] for text in self._format.markers)
+        self._prompt_tokenizer = PromptTokenizer(self._control_ids, marker_ids, self._format.control_pattern, self._tokenize_text)
+        self._engine = ReplyEngine(context_length, self._render, self._format.take_notice, self._decoding)
         self.description = ModelDescription(
             name=summary.path.stem,
             backend=LlamaCppBackend.name,
@@ -164,6 +194,7 @@ class LlamaCppChatModel:
             quantization=summary.quantization,
             context_length=context_length,
             warnings=(self._format.load_warning,) if self._format.load_warning else (),
+            device=device,
         )
 
     def _render(self, messages: list[ChatMessage]) -> list[int]:
@@ -175,34 +206,11 @@ class LlamaCppChatModel:
         return self._tokenize_template_controls(prompt, add_bos)
 
     def _tokenize_template_controls(self, prompt: RenderedPrompt, add_bos: bool) -> list[int]:
-        """Tokens of `prompt` with control tokens parsed only where the template wrote them.
-
-        llama.cpp splits a text at control-token strings and tokenizes the text between them on its own; so does
-        this, at the template's control tokens only, the messages' text put back into the runs between them.
-        """
-        tokens = [self._llm.token_bos()] if add_bos else []
-        for text, is_control in prompt.fragments(self._format.control_pattern):
-            if is_control:
-                tokens.append(self._control_ids[text])
-            else:
-                tokens += self._tokenize_text(text)
-        return tokens
+        """Tokens of `prompt` with control tokens parsed only where the template wrote them (streaming.PromptTokenizer)."""
+        return ([self._llm.token_bos()] if add_bos else []) + self._prompt_tokenizer.tokens(prompt)
 
     def _tokenize_text(self, text: str) -> list[int]:
-        """`text` as text: a turn marker llama.cpp would parse in it anyway (a user-defined token) is cut in two."""
-        tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-        pattern = self._format.control_pattern
-        matches = list(pattern.finditer(text)) if pattern is not None and self._marker_ids.intersection(tokens) else []
-        if len(text) < 2 or not matches:
-            return tokens
-        pieces: list[int] = []
-        start = 0
-        for match in matches:
-            middle = (match.start() + match.end()) // 2
-            pieces += self._tokenize_text(text[start : match.start()])
-            pieces += self._tokenize_text(text[match.start() : middle]) + self._tokenize_text(text[middle : match.end()])
-            start = match.end()
-        return pieces + self._tokenize_text(text[start:])
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
     def prompt_tokens(self, messages: list[ChatMessage]) -> int:
         return len(self._render(messages))
@@ -221,68 +229,23 @@ class LlamaCppChatModel:
         self, messages: list[ChatMessage], sampling: SamplingParams, cancel: threading.Event | None = None
     ) -> Iterator[GenerationEvent]:
         with self._lock:
-            yield from self._stream_locked(messages, sampling, cancel or threading.Event())
+            yield from stream_reply(self._engine, messages, sampling, cancel or threading.Event())
 
-    def _stream_locked(self, messages: list[ChatMessage], sampling: SamplingParams, cancel: threading.Event) -> Iterator[GenerationEvent]:
-        started = time.perf_counter()
-        n_ctx = self.description.context_length
-        reply_reserve = min(sampling.max_tokens or n_ctx // 4, n_ctx // 2)
-        kept, dropped, _ = fit_conversation(messages, self.prompt_tokens, n_ctx - reply_reserve)
-        prompt = self._render(kept)
-        if notice := self._format.take_notice():  # the template failed on this conversation and was replaced
-            yield Notice(notice)
-        if dropped:
-            yield ContextTrimmed(dropped_messages=dropped, prompt_tokens=len(prompt), context_length=n_ctx)
-
-        room = n_ctx - len(prompt)
-        max_tokens = min(sampling.max_tokens or room, room)
-        stop_reason: StopReason = "max_tokens" if sampling.max_tokens and sampling.max_tokens <= room else "context_full"
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stop_filter = StopStringFilter(sampling.stop)
-        generated = 0
-        first_token_at = last_token_at = 0.0
-        self._loop.prefill(prompt)
+    @contextmanager
+    def _decoding(self, prompt: list[int], sampling: SamplingParams) -> Iterator[TokenSteps]:
         from pocketlm.backends.llamacpp_decoding import Sampler
 
+        self._loop.prefill(prompt)
         sampler = Sampler(sampling, _RANDOM_SEED if sampling.seed is None else sampling.seed, self._n_vocab)
         try:
-            while True:
-                if cancel.is_set():
-                    stop_reason = "cancelled"
-                    break
-                token = self._loop.sample(sampler)
-                if not sampling.ignore_eos and self._is_eog(self._vocab, token):
-                    stop_reason = "end_of_generation"
-                    break
-                last_token_at = time.perf_counter()
-                if not generated:
-                    first_token_at = last_token_at
-                generated += 1
-                text = stop_filter.feed(decoder.decode(self._piece(token)))
-                if text:
-                    yield TextPiece(text)
-                if stop_filter.stopped:
-                    stop_reason = "stop_string"
-                    break
-                if generated >= max_tokens:
-                    break
-                if cancel.is_set():
-                    stop_reason = "cancelled"
-                    break
-                self._loop.advance(token)
+            yield TokenSteps(
+                next_token=lambda: self._loop.sample(sampler),
+                is_end=lambda token: self._is_eog(self._vocab, token),
+                advance=self._loop.advance,
+                text=BytePieces(self._piece),
+            )
         finally:
             sampler.close()
-        if not stop_filter.stopped:
-            tail = stop_filter.feed(decoder.decode(b"", final=True)) + stop_filter.flush()
-            if tail:
-                yield TextPiece(tail)
-        yield GenerationStats(
-            prompt_tokens=len(prompt),
-            generated_tokens=generated,
-            time_to_first_token_s=(first_token_at or time.perf_counter()) - started,
-            generation_s=last_token_at - first_token_at,
-            stop_reason=stop_reason,
-        )
 
     def close(self) -> None:
         """Frees the model once no reply is streaming (a running stream is cancelled by its caller first)."""

@@ -7,7 +7,6 @@ here declares ChatML's markers user-defined, as those vocabularies do with their
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 

@@ -77,7 +77,8 @@ def search(query: str, model_format: str | None, sort: str, limit: int) -> None:
 @click.command()
 @click.argument("spec", metavar="REPO[@REVISION][:QUANT_OR_FILE]")
 @click.option("--allow-pickle", is_flag=True, help="Also fetch pickle weights (*.bin) when a repo has no safetensors. Pickles can run code.")
-def pull(spec: str, allow_pickle: bool) -> None:
+@click.option("--output", type=click.Path(path_type=Path), help="Put the model here instead of the Hugging Face cache (a .gguf path, or a folder); it is still registered.")
+def pull(spec: str, allow_pickle: bool, output: Path | None) -> None:
     """Download a model from the Hugging Face Hub into the shared HF cache and register it.
 
     A GGUF repo gets one quant (`:Q4_K_M`; by default Q4_K_M or the nearest); a checkpoint repo gets its config,
@@ -106,7 +107,7 @@ def pull(spec: str, allow_pickle: bool) -> None:
         store = _store()
         try:
             with rich_progress(console) as show_progress:
-                model = in_worker(lambda: run_pull(plan, store, show_progress, cancel), cancel)
+                model = in_worker(lambda: run_pull(plan, store, show_progress, cancel, output), cancel)
         except Cancelled:
             raise Cancelled(f"Pull of {plan.name} interrupted; what was downloaded is kept.", f"Run `pocketlm pull {spec}` again to resume.") from None
     click.echo(f"{model.name} is ready ({model.format}, {human_bytes(model.size_bytes)}): pocketlm chat {model.name}")
@@ -138,14 +139,20 @@ def list_models() -> None:
 @click.command()
 @click.argument("model")
 def info(model: str) -> None:
-    """Show MODEL's metadata, files, lineage, and whether it fits this machine's memory."""
+    """Show MODEL's metadata, files, lineage, and whether it fits this machine's memory.
+
+    MODEL is a name from `pocketlm ls`, a unique prefix of one, or a model file or folder path.
+    """
 
     from pocketlm.app.model_details import detail_rows
     from pocketlm.models.fit import human_bytes
+    from pocketlm.models.model_reference import find_model, is_registered
 
     store = _store()
-    found = store.resolve(model)
-    rows = detail_rows(store, found)
+    found = find_model(store, model)
+    rows = detail_rows(store, found)  # a GPTQ model's bits, group size and act-order come from there, once
+    if not is_registered(found):
+        rows.append(("Store", "not in the store (`pocketlm import` adds it)"))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         click.echo(f"{label:<{width}}  {value}")
@@ -162,13 +169,17 @@ def info(model: str) -> None:
 @click.argument("model")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 def rm(model: str, yes: bool) -> None:
-    """Remove MODEL: unregister it and delete the files pocketlm fetched or made for it, unless another model uses them."""
+    """Remove MODEL (a name, a unique prefix, or its file or folder path): unregister it and delete the files pocketlm
+    fetched or made for it, unless another model uses them."""
     from pocketlm.models.errors import PocketError
     from pocketlm.models.fit import human_bytes
+    from pocketlm.models.model_reference import find_model, is_registered
     from pocketlm.models.removal import plan_removal, remove_model
 
     store = _store()
-    found = store.resolve(model)
+    found = find_model(store, model)
+    if not is_registered(found):
+        raise PocketError(f"{model} is not in the store, so there is nothing to remove.", "Delete the files yourself if you no longer want them.")
     removal = plan_removal(store, found)
     summary = removal.summary(found.name)
     if not yes:

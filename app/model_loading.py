@@ -8,6 +8,7 @@ from pathlib import Path
 from pocketlm.app.history import ConversationStore
 from pocketlm.backends.base import ChatModel, LoadOptions
 from pocketlm.backends.registry import backend_for
+from pocketlm.models.model_reference import find_model
 from pocketlm.models.store import ModelStore
 
 
@@ -19,12 +20,9 @@ class ModelChoice:
 
 
 def choose_model(store: ModelStore, query: str) -> ModelChoice:
-    """A path to a model file wins over a store name, so `pocketlm chat ./x.gguf` always means that file."""
-    candidate = Path(query).expanduser()
-    if candidate.suffix.lower() == ".gguf" or candidate.is_file():
-        # GGUF is the only single-file format; the backend's reader says clearly if the file is missing or not one.
-        return ModelChoice(candidate.stem, candidate.resolve(), "gguf")
-    model = store.resolve(query)
+    """A store name, a unique prefix, or a model file or folder path (models/model_reference.py: a path that exists
+    wins over a store name, so `pocketlm chat ./x.gguf` always means that file)."""
+    model = find_model(store, query)
     return ModelChoice(model.name, model.path, model.format)
 
 

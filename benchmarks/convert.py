@@ -25,8 +25,9 @@ POCKETLM_CONVERT = """
 import sys
 from pathlib import Path
 from pocketlm.converters.base import ConvertOptions
+from pocketlm.converters.gguf_settings import GGUFSettings
 from pocketlm.converters.hf_to_gguf import HfToGGUF
-HfToGGUF().convert(Path(sys.argv[1]), Path(sys.argv[2]), ConvertOptions(outtype="f16"), lambda update: None)
+HfToGGUF().convert(Path(sys.argv[1]), Path(sys.argv[2]), ConvertOptions(settings=GGUFSettings(outtype="f16")), lambda update: None)
 """
 
 POCKETLM_QUANTIZE = """
@@ -34,7 +35,8 @@ import sys
 from pathlib import Path
 from pocketlm.converters.base import ConvertOptions
 from pocketlm.converters.gguf_quantize import GGUFQuantizer
-GGUFQuantizer().convert(Path(sys.argv[1]), Path(sys.argv[2]), ConvertOptions(quant="Q4_K_M", threads=int(sys.argv[3])), lambda update: None)
+from pocketlm.converters.gguf_settings import GGUFSettings
+GGUFQuantizer().convert(Path(sys.argv[1]), Path(sys.argv[2]), ConvertOptions(settings=GGUFSettings(quant="Q4_K_M"), threads=int(sys.argv[3])), lambda update: None)
 """
 
 

@@ -17,17 +17,22 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from importlib.util import find_spec
 from pathlib import Path
-from typing import IO, ClassVar
+from typing import IO, TYPE_CHECKING, ClassVar
 
-from pocketlm.converters.base import ConversionError, ConversionResult, ConvertOptions, atomic_output, check_cancel
-from pocketlm.converters.quant_types import QUANT_TYPES, UNQUANTIZED_TYPES, QuantType, quant_type
+from pocketlm.converters.base import ConversionError, ConversionResult, ConvertOptions, atomic_output, check_cancel, settings_of
+from pocketlm.converters.gguf_settings import GGUFSettings
+from pocketlm.converters.quant_types import QUANT_TYPES, UNQUANTIZED_TYPES, QuantType, expected_size, quant_type
 from pocketlm.models.errors import NotEnoughDisk, NotEnoughMemory, PocketError
 from pocketlm.models.fit import physical_cores
 from pocketlm.models.gguf_info import read_gguf
 from pocketlm.models.leftovers import converting_prefix
 from pocketlm.models.native_child import ABORT_SIGNS, CRASH_SIGNALS, child_command, child_environment, shortened, signal_name
 from pocketlm.models.progress import ProgressCallback, ProgressUpdate
+
+if TYPE_CHECKING:
+    from pocketlm.converters.importance_matrix import ImportanceMatrix
 
 # Test seam: the module run as the child instead of the real one (tests use one that aborts). Never set in normal use.
 CHILD_MODULE_ENV = "POCKETLM_QUANTIZE_CHILD_MODULE"
@@ -42,25 +47,45 @@ class GGUFQuantizer:
     name: ClassVar[str] = "gguf-quantize"
     source_formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
     target_format: ClassVar[str] = "gguf"
+    label: ClassVar[str] = "GGUF (llama.cpp)"
+    summary: ClassVar[str] = "llama.cpp's own quantizer: Q8_0 is practically lossless, Q4_K_M about a third of f16's size for a small loss."
+    output_is_folder: ClassVar[bool] = False
+    install_hint: ClassVar[str] = "Install it with: pip install 'pocketlm[llama]'"
+    settings_type: ClassVar[type] = GGUFSettings
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return find_spec("llama_cpp") is not None
+
+    @classmethod
+    def quantizes(cls, settings: object) -> bool:
+        return isinstance(settings, GGUFSettings) and settings.quant is not None
+
+    @classmethod
+    def output_label(cls, settings: object) -> str:
+        return quant_type(_quant_of(settings)).name
+
+    @classmethod
+    def expected_size(cls, parameter_count: int, settings: object) -> int:
+        return expected_size(parameter_count, quant_type(_quant_of(settings)))
 
     def convert(self, source: Path, destination: Path, options: ConvertOptions, on_progress: ProgressCallback) -> ConversionResult:
-        if options.quant is None:
-            raise ConversionError("Quantizing needs a target type.", f"Choose one of {', '.join(QUANT_TYPES)}.")
-        quant = quant_type(options.quant)
+        settings: GGUFSettings = settings_of(self, options)  # type: ignore[assignment]
+        quant = quant_type(_quant_of(settings))
         summary = read_gguf(source)  # refuses a damaged input before llama.cpp sees it
         if summary.quantization not in UNQUANTIZED_TYPES:
             raise ConversionError(
                 f"{source.name} is already quantized ({summary.quantization}); quantizing it again would compound the loss.",
                 "Quantize from the f16, bf16 or f32 GGUF (`pocketlm convert MODEL --to gguf` makes one from a checkpoint).",
             )
-        matrix = options.importance_matrix
-        if matrix is None and options.imatrix is not None:
+        matrix = settings.importance_matrix
+        if matrix is None and settings.imatrix is not None:
             from pocketlm.converters.importance_matrix import read_imatrix_file
 
-            if not str(options.imatrix).endswith(".gguf"):
+            if not str(settings.imatrix).endswith(".gguf"):
                 raise ConversionError("A calibration text needs the checkpoint to compute the importance matrix from.",
                                       "Quantize through `pocketlm convert CHECKPOINT --quant ... --imatrix TEXT`, or give a llama-imatrix .gguf file.")  # fmt: skip
-            matrix = read_imatrix_file(Path(options.imatrix))  # a bad file is refused here, in this process's words
+            matrix = read_imatrix_file(Path(settings.imatrix))  # a bad file is refused here, in this process's words
         check_cancel(options)
         threads = options.threads or physical_cores()
         description = f"Quantizing {options.model_name or source.name} to {quant.name}"
@@ -74,8 +99,14 @@ class GGUFQuantizer:
         return ConversionResult(destination, f"quantize {quant.name}" + (" (imatrix)" if matrix else ""))
 
 
+def _quant_of(settings: object) -> str:
+    if not isinstance(settings, GGUFSettings) or settings.quant is None:
+        raise ConversionError("Quantizing needs a target type.", f"Choose one of {', '.join(QUANT_TYPES)}.")
+    return settings.quant
+
+
 @contextmanager
-def _matrix_file(matrix: dict | None, folder: Path) -> Iterator[str | None]:  # type: ignore[type-arg]
+def _matrix_file(matrix: ImportanceMatrix | None, folder: Path) -> Iterator[str | None]:
     """The importance matrix as a numpy .npz (no pickle) in a working folder beside the output, named so that the
     store's sweep (models/leftovers.py) removes it if this process is killed."""
     if not matrix:
@@ -87,7 +118,7 @@ def _matrix_file(matrix: dict | None, folder: Path) -> Iterator[str | None]:  # 
     with tempfile.TemporaryDirectory(prefix=converting_prefix(os.getpid()), dir=folder) as working:
         path = Path(working) / "imatrix.npz"
         try:
-            np.savez(path, **{name: np.ascontiguousarray(values, dtype=np.float32) for name, values in matrix.items()})
+            np.savez(path, **{name: np.ascontiguousarray(values, dtype=np.float32) for name, values in matrix.values.items()})
         except OSError as error:
             raise NotEnoughDisk(f"There was no room to write the importance matrix beside {folder} ({error.strerror or error}); nothing was kept.",
                                 "Free some space (or raise the limit) and run it again.") from None  # fmt: skip

@@ -9,22 +9,30 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
-
-from pocketlm.converters.base import ConversionError, ConversionResult, ConvertOptions, atomic_output, check_cancel
-from pocketlm.converters.checkpoint_checks import Hyperparameters, check_tensors, read_hyperparameters
-from pocketlm.converters.gguf_architectures import ARCHITECTURES, Architecture, Config, llama3_rope_factors, rope_settings, setting, supported_names
+from pocketlm.converters.base import ConversionError, ConversionResult, ConvertOptions, atomic_output, check_cancel, settings_of
+from pocketlm.converters.gguf_settings import OUTTYPE_CHOICES, GGUFSettings
 from pocketlm.converters.gguf_tokenizer import write_tokenizer
 from pocketlm.models.errors import ModelFileError
 from pocketlm.models.formats import checkpoint_weight_files
 from pocketlm.models.progress import ProgressCallback, ProgressUpdate
 from pocketlm.models.safetensors_header import read_safetensors_header
 
-OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")  # auto: bf16 for a bf16 checkpoint (f16 could overflow), else f16
+# numpy (and the architecture tables, which need it) load when a conversion runs: the registry imports this module
+# for `pocketlm convert --help`, which must stay fast.
+if TYPE_CHECKING:
+    import numpy as np
+
+    from pocketlm.converters.checkpoint_checks import Hyperparameters
+    from pocketlm.converters.gguf_architectures import Architecture, Config
+
+OUTTYPES = OUTTYPE_CHOICES  # auto: bf16 for a bf16 checkpoint (f16 could overflow), else f16
+# Bytes per weight of each GGUF output type (Q8_0: 34 bytes per block of 32 weights); auto is sized as f16.
+OUTTYPE_BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 1.0625, "auto": 2.0}
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama.cpp's llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_BF16
 _SKIPPED = (".rotary_emb.inv_freq",)
 
@@ -44,27 +52,52 @@ class HfToGGUF:
     name: ClassVar[str] = "hf-to-gguf"
     source_formats: ClassVar[frozenset[str]] = frozenset({"safetensors"})
     target_format: ClassVar[str] = "gguf"
+    label: ClassVar[str] = "GGUF (llama.cpp)"
+    summary: ClassVar[str] = "One file for llama.cpp on any CPU or GPU; f16 keeps the checkpoint's quality, a quant (Q4_K_M) is about a third of its size."
+    output_is_folder: ClassVar[bool] = False
+    install_hint: ClassVar[str] = "Install them with: pip install gguf numpy"
+    settings_type: ClassVar[type] = GGUFSettings
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return all(find_spec(module) is not None for module in ("gguf", "numpy"))
+
+    @classmethod
+    def quantizes(cls, settings: object) -> bool:
+        return False  # q8_0 aside, it writes float types; the quantizer's step makes K-quants
+
+    @classmethod
+    def output_label(cls, settings: object) -> str:
+        return _gguf_settings(settings).outtype.upper()
+
+    @classmethod
+    def expected_size(cls, parameter_count: int, settings: object) -> int:
+        # An unknown type is sized as f32 here and refused with a sentence when the conversion starts.
+        return int(parameter_count * OUTTYPE_BYTES_PER_WEIGHT.get(_gguf_settings(settings).outtype, 4.0))
 
     def convert(self, source: Path, destination: Path, options: ConvertOptions, on_progress: ProgressCallback) -> ConversionResult:
         import gguf
+        import numpy as np
 
-        if options.outtype not in OUTTYPES:
-            raise ConversionError(f"{options.outtype!r} is not an output type for GGUF conversion.", f"Choose one of {', '.join(OUTTYPES)}.")
+        from pocketlm.converters.checkpoint_checks import read_hyperparameters
+
+        requested = settings_of(self, options).outtype  # type: ignore[attr-defined]
+        if requested not in OUTTYPES:
+            raise ConversionError(f"{requested!r} is not an output type for GGUF conversion.", f"Choose one of {', '.join(OUTTYPES)}.")
         config = _read_config(source)
         architecture = _architecture(config)
         sizes = read_hyperparameters(config, architecture)  # before anything else: a bad size must not reach a loop
         arch = getattr(gguf.MODEL_ARCH, architecture.gguf_arch)
         tensors = _tensors(source, config, arch, architecture, sizes)
-        outtype = resolve_outtype(options.outtype, [t.dtype for t in tensors if len(t.shape) >= 2])
-        options = replace(options, outtype=outtype)
-        description = f"Converting {options.model_name or source.name} to GGUF {options.outtype}"
+        outtype = resolve_outtype(requested, [t.dtype for t in tensors if len(t.shape) >= 2])
+        description = f"Converting {options.model_name or source.name} to GGUF {outtype}"
         on_progress(ProgressUpdate(description, 0, len(tensors)))
         with atomic_output(destination) as temporary, _closing(gguf.GGUFWriter(temporary, gguf.MODEL_ARCH_NAMES[arch])) as writer:
             parameters = sum(int(np.prod(t.shape)) for t in tensors)
-            _write_metadata(writer, source, config, sizes, options.outtype, options.model_name or source.name, parameters)
+            _write_metadata(writer, source, config, sizes, outtype, options.model_name or source.name, parameters)
             architecture.metadata(writer, config)
             extra = _extra_tensors(config)
-            planned = [(t, _output_type(t.gguf_name, t.shape, options.outtype)) for t in tensors]
+            planned = [(t, _output_type(t.gguf_name, t.shape, outtype)) for t in tensors]
             for tensor, qtype in planned:
                 _add_info(writer, tensor.gguf_name, tensor.shape, qtype)
             for name, data in extra:
@@ -79,7 +112,13 @@ class HfToGGUF:
                 on_progress(ProgressUpdate(description, done, len(tensors)))
             for _, data in extra:
                 writer.write_tensor_data(data)
-        return ConversionResult(destination, f"convert {options.outtype}")
+        return ConversionResult(destination, f"convert {outtype}")
+
+
+def _gguf_settings(settings: object) -> GGUFSettings:
+    if not isinstance(settings, GGUFSettings):
+        raise ConversionError(f"The GGUF converters take GGUFSettings, not {type(settings).__name__}.")
+    return settings
 
 
 def resolve_outtype(outtype: str, matrix_dtypes: list[str]) -> str:
@@ -110,6 +149,8 @@ def _read_config(folder: Path) -> Config:
 
 
 def _architecture(config: Config) -> Architecture:
+    from pocketlm.converters.gguf_architectures import ARCHITECTURES, supported_names
+
     names = config.get("architectures") or []
     names = [names] if isinstance(names, str) else names
     for name in names if isinstance(names, list) else []:
@@ -120,6 +161,9 @@ def _architecture(config: Config) -> Architecture:
 
 
 def _tensors(folder: Path, config: Config, arch: object, architecture: Architecture, sizes: Hyperparameters) -> list[_Tensor]:
+    from pocketlm.converters.checkpoint_checks import check_tensors
+    from pocketlm.converters.gguf_architectures import setting
+
     """Every tensor to write, with its GGUF name and where its bytes are; headers and shapes are checked first."""
     import gguf
 
@@ -149,6 +193,8 @@ def _tensors(folder: Path, config: Config, arch: object, architecture: Architect
 
 def _load(tensor: _Tensor) -> np.ndarray:
     """The tensor as float32, read through a memory map (only its own bytes are touched)."""
+    import numpy as np
+
     raw = np.memmap(tensor.file, mode="r", dtype=np.uint8, offset=tensor.offset, shape=(tensor.size,))
     if tensor.dtype == "F32":
         data = raw.view(np.float32)
@@ -175,6 +221,7 @@ def _output_type(name: str, shape: tuple[int, ...], outtype: str) -> object:
 
 def _add_info(writer: object, name: str, shape: tuple[int, ...], qtype: object) -> None:
     import gguf
+    import numpy as np
 
     block, type_size = gguf.GGML_QUANT_SIZES[qtype]  # type: ignore[index]
     n_bytes = int(np.prod(shape)) // block * type_size
@@ -185,6 +232,8 @@ def _add_info(writer: object, name: str, shape: tuple[int, ...], qtype: object) 
 
 def _extra_tensors(config: Config) -> list[tuple[str, np.ndarray]]:
     """Tensors llama.cpp needs that the checkpoint does not hold: Llama 3.1's RoPE frequency factors."""
+    from pocketlm.converters.gguf_architectures import llama3_rope_factors, rope_settings
+
     if rope_settings(config)["rope_type"] == "llama3":
         return [("rope_freqs.weight", llama3_rope_factors(config))]
     return []
@@ -192,6 +241,8 @@ def _extra_tensors(config: Config) -> list[tuple[str, np.ndarray]]:
 
 def _write_metadata(writer: object, folder: Path, config: Config, sizes: Hyperparameters, outtype: str, name: str, parameters: int) -> None:
     import gguf
+
+    from pocketlm.converters.gguf_architectures import rope_settings, setting
 
     w = writer  # a gguf.GGUFWriter
     # Name, license, base model and the rest of the model card, as llama.cpp's converter reads them.

@@ -13,58 +13,32 @@ import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pocketlm.converters.base import ConversionError
+from pocketlm.converters.calibration import calibration_chunks
 from pocketlm.models.errors import Cancelled
 from pocketlm.models.progress import ProgressCallback, ProgressUpdate, ignore_progress
 
-BUILTIN = "builtin"
 _CHUNK_TOKENS = 512
 _MAX_CHUNKS = 64
 
-# A short general-purpose calibration text: prose, dialogue, code, numbers and lists, as imatrix datasets mix them.
-BUILTIN_CALIBRATION_TEXT = """\
-The old lighthouse stood at the edge of the cliff, its white paint peeling in long strips. Every evening the keeper
-climbed the hundred and twelve steps to light the lamp, and every morning he wrote the weather in a leather book.
-"Will the storm reach us tonight?" asked the girl from the village. "It always does," he said, "but it never stays."
-In mathematics, a prime number is a natural number greater than 1 that has no divisors other than 1 and itself.
-The first primes are 2, 3, 5, 7, 11, 13, 17, 19, 23 and 29; there are infinitely many of them, as Euclid showed.
-def is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    return all(n % d for d in range(2, int(n ** 0.5) + 1))
-To make bread, mix 500 g of flour, 350 ml of warm water, 10 g of salt and 7 g of dried yeast. Knead for ten minutes,
-let the dough rise for an hour, shape it, let it rise again, then bake at 230 °C for 35 minutes.
-Photosynthesis converts light energy into chemical energy: plants take in carbon dioxide and water and, using
-sunlight, produce glucose and oxygen. Most of the oxygen in the atmosphere comes from this process.
-Q: What is the capital of France? A: Paris. Q: Which ocean is the largest? A: The Pacific Ocean.
-- Check the oil level before a long drive.
-- Keep the tyres at the pressure the manual gives.
-- Replace the wiper blades once a year.
-SELECT name, COUNT(*) AS orders FROM customers JOIN orders USING (customer_id) GROUP BY name ORDER BY orders DESC;
-The committee met on 14 March 2024 and approved the budget of €2.5 million by a vote of nine to two.
-Les enfants jouaient dans le parc pendant que leurs parents discutaient sur un banc. Der Zug kommt um acht Uhr an.
-"""
 
+@dataclass(frozen=True)
+class ImportanceMatrix:
+    """Per GGUF tensor name (`blk.0.attn_q.weight`), the mean squared input activation of each of its columns."""
 
-def calibration_text(source: str) -> str:
-    if source == BUILTIN:
-        return BUILTIN_CALIBRATION_TEXT
-    path = Path(source).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConversionError(f"Cannot read the calibration text {path} ({error}).", "Give a UTF-8 text file, or `builtin`.") from None
-    if len(text.split()) < 50:
-        raise ConversionError(f"The calibration text {path} is too short ({len(text.split())} words).", "Give at least a few paragraphs.")
-    return text
+    values: dict[str, np.ndarray]
+
+    def __bool__(self) -> bool:
+        return bool(self.values)
 
 
 def compute_imatrix(checkpoint: Path, text: str, on_progress: ProgressCallback = ignore_progress,
-                    cancel: threading.Event | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+                    cancel: threading.Event | None = None) -> ImportanceMatrix:  # fmt: skip
     """Mean squared input activation per column of every linear layer of `checkpoint`, named by GGUF tensor."""
     try:
         import torch
@@ -91,7 +65,12 @@ def compute_imatrix(checkpoint: Path, text: str, on_progress: ProgressCallback =
 
     transformers_logging.disable_progress_bar()  # pocketlm shows its own progress
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    try:
+        # use_safetensors: pickle weights beside (or instead of) the safetensors are never loaded (pickles can run code).
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True)
+    except OSError as error:
+        raise ConversionError(f"No safetensors weights to compute the importance matrix from in {checkpoint} ({error}).",
+                              "pocketlm reads safetensors checkpoints only; pickle weights (*.bin) are never loaded.") from None  # fmt: skip
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -111,7 +90,7 @@ def compute_imatrix(checkpoint: Path, text: str, on_progress: ProgressCallback =
             if gguf_name is not None:
                 handles.append(module.register_forward_pre_hook(hook_for(gguf_name)))
     token_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    chunks = [token_ids[i : i + _CHUNK_TOKENS] for i in range(0, len(token_ids), _CHUNK_TOKENS)][:_MAX_CHUNKS]
+    chunks = calibration_chunks(token_ids, _CHUNK_TOKENS, _MAX_CHUNKS)
     description = "Computing the importance matrix"
     try:
         with torch.no_grad():
@@ -123,10 +102,10 @@ def compute_imatrix(checkpoint: Path, text: str, on_progress: ProgressCallback =
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (sums[name] / counts[name]).to(torch.float32).numpy() for name in sums}
+    return ImportanceMatrix({name: (sums[name] / counts[name]).to(torch.float32).numpy() for name in sums})
 
 
-def read_imatrix_file(path: Path) -> dict[str, np.ndarray]:
+def read_imatrix_file(path: Path) -> ImportanceMatrix:
     """An importance matrix written by llama.cpp's `llama-imatrix` (GGUF format: `<tensor>.in_sum2` and `.counts`)."""
     import gguf
 
@@ -146,7 +125,7 @@ def read_imatrix_file(path: Path) -> dict[str, np.ndarray]:
                 matrix[base] = (sums.reshape(-1) / total).astype(np.float32)
     if not matrix:
         raise ConversionError(f"{path} holds no importance data (no *.in_sum2 tensors).", "Give a file llama-imatrix wrote.")
-    return matrix
+    return ImportanceMatrix(matrix)
 
 
 @contextmanager

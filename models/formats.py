@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
@@ -45,6 +44,37 @@ class ModelFacts:
     files: tuple[Path, ...]  # everything the model consists of
     size_bytes: int
     base_model: str = ""  # for adapters: the model they were trained on
+    location: Path | None = None  # what a backend opens when it is not the first file's folder (a GGUF file)
+    gptq: GPTQFacts | None = None
+
+
+@dataclass(frozen=True)
+class GPTQFacts:
+    """A GPTQ checkpoint's quantization, from its `quantization_config` (or quantize_config.json)."""
+
+    bits: int
+    group_size: int  # -1: one scale per output column, no groups
+    act_order: bool  # desc_act: columns quantized in order of decreasing activation
+
+    @property
+    def description(self) -> str:
+        """"GPTQ 4-bit g128", as the converter's lineage says it; " act-order" when desc_act."""
+        groups = f"g{self.group_size}" if self.group_size > 0 else "per-column"
+        return f"GPTQ {self.bits}-bit {groups}" + (" act-order" if self.act_order else "")
+
+
+def read_gptq_facts(folder: Path) -> GPTQFacts | None:
+    """The GPTQ settings of the checkpoint in `folder`; None when it is not a GPTQ checkpoint."""
+    config_path = folder / "config.json"
+    config = _read_json(config_path) if config_path.is_file() else {}
+    quant_config = config.get("quantization_config") if isinstance(config.get("quantization_config"), dict) else {}
+    if quant_config.get("quant_method") != "gptq":
+        if not (folder / "quantize_config.json").is_file():
+            return None
+        quant_config = _read_json(folder / "quantize_config.json")
+    group = quant_config.get("group_size", 128)
+    group_size = -1 if group == -1 else _whole(group, 128)
+    return GPTQFacts(_whole(quant_config.get("bits"), 4), group_size, quant_config.get("desc_act") is True)
 
 
 def checkpoint_weight_files(names: list[str]) -> list[str]:
@@ -73,13 +103,15 @@ def _inspect_gguf(path: Path) -> ModelFacts:
     summaries = [read_gguf(part) for part in parts]
     first = summaries[0]
     return ModelFacts(
-        format=ModelFormat.GGUF,
+        # A LoRA adapter in GGUF (llama.cpp's convert_lora_to_gguf) is applied on top of a model, never chatted with.
+        format=ModelFormat.LORA if first.kind == "adapter" else ModelFormat.GGUF,
         architecture=first.architecture,
         parameter_count=sum(s.parameter_count for s in summaries),
         quantization=first.quantization,
         context_length=first.context_length,
         files=tuple(parts),
         size_bytes=sum(s.file_size for s in summaries),
+        location=parts[0],
     )
 
 
@@ -137,14 +169,9 @@ def _inspect_folder(folder: Path) -> ModelFacts:
         return ModelFacts(ModelFormat.PYTORCH, architecture, 0, "pickle", context_length, files, _size(files))
     headers = [read_safetensors_header(folder / n) for n in weights]
     files = tuple(side_files + [folder / n for n in weights])
-    quant_config = config.get("quantization_config") if isinstance(config.get("quantization_config"), dict) else {}
-    if quant_config.get("quant_method") == "gptq" or "quantize_config.json" in names:
-        if not quant_config:
-            quant_config = _read_json(folder / "quantize_config.json")
-        bits = _whole(quant_config.get("bits"), 4)
-        group = quant_config.get("group_size", 128)
-        params = _parameter_count(headers, bits, skip=(".qzeros", ".scales", ".g_idx"))
-        return ModelFacts(ModelFormat.GPTQ, architecture, params, f"GPTQ {bits}-bit g{group}", context_length, files, _size(files))
+    if (gptq := read_gptq_facts(folder)) is not None:
+        params = _parameter_count(headers, gptq.bits, skip=(".qzeros", ".scales", ".g_idx"))
+        return ModelFacts(ModelFormat.GPTQ, architecture, params, gptq.description, context_length, files, _size(files), gptq=gptq)
     mlx_quant = config.get("quantization") if isinstance(config.get("quantization"), dict) else None
     if mlx_quant or any(h.metadata.get("format") == "mlx" for h in headers):
         if mlx_quant:

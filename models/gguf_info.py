@@ -48,6 +48,7 @@ class GGUFSummary:
     bos_token: str
     eos_token: str
     add_bos_token: bool
+    kind: str = "model"  # general.type: "model", or "adapter" for a LoRA adapter applied on top of a model
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -261,4 +262,5 @@ def _summarise(path: Path, header: GGUFHeader) -> GGUFSummary:
         bos_token=token_text("tokenizer.ggml.bos_token_id"),
         eos_token=token_text("tokenizer.ggml.eos_token_id"),
         add_bos_token=bool(metadata.get("tokenizer.ggml.add_bos_token", True)),
+        kind=str(metadata.get("general.type", "model")),
     )

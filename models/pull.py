@@ -6,6 +6,7 @@ import re
 import shutil
 import threading
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from pocketlm.models.errors import Cancelled, HubError, ModelFileError, NotEnoughDisk
 from pocketlm.models.fit import gib, human_bytes
@@ -121,8 +122,10 @@ def check_disk_space(plan: PullPlan) -> None:
 
 
 def run_pull(plan: PullPlan, store: ModelStore, on_progress: ProgressCallback = ignore_progress,
-             cancel: threading.Event | None = None) -> LocalModel:  # fmt: skip
-    """Fetch the plan's files (resuming, verifying) and register the model; nothing is registered on failure."""
+             cancel: threading.Event | None = None, output: Path | None = None) -> LocalModel:  # fmt: skip
+    """Fetch the plan's files (resuming, verifying) and register the model; nothing is registered on failure.
+
+    With `output`, the model is placed there (models/pull_placement.py) and registered at that path."""
     cancel = cancel or threading.Event()
     check_disk_space(plan)
     total = plan.total_bytes
@@ -138,17 +141,20 @@ def run_pull(plan: PullPlan, store: ModelStore, on_progress: ProgressCallback = 
         on_progress(ProgressUpdate(message, done, total))
 
     on_progress(ProgressUpdate(description, 0, total))
-    fetched = False
+    fetched: list[RemoteFile] = []
     for file in plan.files:
         if cancel.is_set():  # also between files, and before the first: a Ctrl-C during the lookup counts
             raise Cancelled(f"Stopped pulling {plan.name}; what was downloaded is kept for next time.")
         if plan.repo.from_cache:
             advance(file.size)
         else:
-            fetched |= download_file(plan.repo, file, advance, cancel, waiting).fetched
+            if download_file(plan.repo, file, advance, cancel, waiting).fetched:
+                fetched.append(file)
     if not plan.repo.from_cache:
         remember_revision(plan.repo)
-    return register_pulled(plan, store, fetched)
+    if output is not None:
+        return register_placed(plan, store, output, fetched, cancel)
+    return register_pulled(plan, store, bool(fetched))
 
 
 def register_pulled(plan: PullPlan, store: ModelStore, fetched: bool) -> LocalModel:
@@ -168,4 +174,37 @@ def register_pulled(plan: PullPlan, store: ModelStore, fetched: bool) -> LocalMo
     replaced = [f for f in previous.files if f not in paths and store.is_owned(f)] if previous else []
     model = store.add(model_from_facts(plan.name, facts, source, repo_id=plan.repo.repo_id, revision=plan.repo.commit, owned=fetched))
     delete_orphans(store, replaced)  # the same name pulled at a newer commit: the old files are nobody's now
+    return model
+
+
+def register_placed(plan: PullPlan, store: ModelStore, output: Path, fetched: list[RemoteFile], cancel: threading.Event | None = None) -> LocalModel:
+    """Put the pulled files at `output`, register the model there, and take what this pull downloaded out of the cache."""
+    from pocketlm.models.pull_placement import place_files, placement_target
+    from pocketlm.models.removal import delete_file, delete_orphans
+
+    paths = [snapshot_path(plan.repo, f) for f in plan.files]
+    single_file = plan.gguf is not None and len(paths) == 1
+    folder, model_path = placement_target(output, paths, single_file)
+    created = place_files(paths, folder, model_path, single_file, cancel)
+    previous = store.get(plan.name)
+    replaced = [f for f in previous.files if store.is_owned(f)] if previous else []
+    try:
+        facts = inspect_model(model_path if plan.gguf else folder)
+        if not plan.gguf:
+            placed = tuple(folder / p.name for p in paths)
+            facts = replace(facts, files=placed, size_bytes=plan.total_bytes)
+        model = store.add(model_from_facts(plan.name, facts, f"hf:{plan.repo.repo_id}@{plan.repo.commit}", repo_id=plan.repo.repo_id,
+                                           revision=plan.repo.commit, owned=True, written_folder=created and not single_file))  # fmt: skip
+    except BaseException:
+        for path in ([model_path] if single_file else [folder / p.name for p in paths]):
+            path.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    # Downloaded by this pull only to be placed: the cache keeps no second entry, unless a registered model uses it.
+    for file in fetched:
+        path = snapshot_path(plan.repo, file)
+        if not store.users_of(path):
+            delete_file(path)
+    delete_orphans(store, [f for f in replaced if f not in model.files])
     return model

@@ -4,7 +4,10 @@ The order is what keeps the registry and the disk in agreement after a kill -9 a
 (one SQLite statement, committed at once), the files after. Killed in between, the files stay on disk with no entry
 (space lost until pulled or converted again, which reuses them), never an entry pointing at deleted files. An entry
 whose files are already gone (deleted by hand, a disk unplugged) is kept and listed as it is: it may come back, and
-`rm` removes it like any other, with nothing to delete.
+`rm` removes it like any other, with nothing to delete. A folder pocketlm wrote (a conversion's GPTQ or MLX output, a
+checkpoint `pull --output` placed in a folder it created) goes whole, with the files its format does not list (logs,
+extra configs); a folder it did not create never does. The registry keeps that fact (`written_folder`, set only when
+pocketlm made the folder), and every listed file must still be pocketlm's own and inside it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ class Removal:
     def summary(self, name: str) -> str:
         """The question to ask before removing: what goes and what stays."""
         text = f"Remove {name}"
-        if self.deleted:
+        if self.deleted and all(path.is_dir() and not path.is_symlink() for path in self.deleted):
+            text += f" and delete its folder {self.deleted[0]} ({human_bytes(self.freed_bytes)})"
+        elif self.deleted:
             text += f" and delete {len(self.deleted)} file{'s' if len(self.deleted) > 1 else ''} ({human_bytes(self.freed_bytes)})"
         if self.kept_shared:
             text += f"; {len(self.kept_shared)} file(s) stay, another model uses them"
@@ -53,6 +58,10 @@ def plan_removal(store: ModelStore, model: LocalModel) -> Removal:
     """What removing `model` would delete and keep, so the user can be asked first."""
     in_use = {_identity(f) for other in store.list() if other.name != model.name for f in other.files} - {None}
     removal = Removal()
+    if _written_folder(store, model) and not any(_identity(f) in in_use for f in model.files):
+        removal.deleted.append(model.path)
+        removal.freed_bytes = sum(_size(f) for f in model.path.rglob("*") if f.is_file() and not f.is_symlink())
+        return removal
     for path in model.files or (model.path,):
         if not path.exists() and not path.is_symlink():
             removal.missing.append(path)
@@ -66,11 +75,24 @@ def plan_removal(store: ModelStore, model: LocalModel) -> Removal:
     return removal
 
 
+def _written_folder(store: ModelStore, model: LocalModel) -> bool:
+    """Whether `model` is a folder pocketlm itself created and wrote, every listed file its own."""
+    folder = model.path
+    if not model.written_folder or not folder.is_dir() or folder.is_symlink() or not model.files:
+        return False
+    return all(store.is_owned(f) and folder in f.parents for f in model.files)
+
+
 def remove_model(store: ModelStore, model: LocalModel) -> Removal:
     removal = plan_removal(store, model)
     store.remove(model.name)  # unregister first: a model must never point at files that are gone
     for path in removal.deleted:
-        delete_file(path)
+        if path.is_dir() and not path.is_symlink():
+            for file in model.files:  # the model's own files first, in path order, then what else the folder holds
+                delete_file(file)
+            shutil.rmtree(path)
+        else:
+            delete_file(path)
     return removal
 
 

@@ -39,10 +39,13 @@ _MIGRATIONS = [
     INSERT INTO model_files SELECT name, path, source LIKE 'pypi:%' FROM models;
     DROP TABLE models;
     ALTER TABLE models_v2 RENAME TO models""",
+    # 3: whether pocketlm created the model's folder itself (a conversion's GPTQ/MLX output, a `pull --output`
+    # checkpoint), so that `rm` deletes it whole. Earlier releases wrote only single-file (GGUF) models.
+    """ALTER TABLE models ADD COLUMN written_folder INTEGER NOT NULL DEFAULT 0""",
 ]
 
 _COLUMNS = ("name", "path", "format", "architecture", "parameter_count", "quantization", "context_length",
-            "size_bytes", "source", "parent", "lineage", "added_at", "repo_id", "revision")  # fmt: skip
+            "size_bytes", "source", "parent", "lineage", "added_at", "repo_id", "revision", "written_folder")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,14 @@ class LocalModel:
     # Only such files are ever deleted by `rm`; imported files and ones already in the Hub cache are the user's.
     owned: bool = False
     files: tuple[Path, ...] = field(default=())
+    # pocketlm created the folder at `path` and put only its own output there: `rm` deletes the folder whole.
+    written_folder: bool = False
 
 
 def model_from_facts(name: str, facts: ModelFacts, source: str, **origin: object) -> LocalModel:
     """A registry entry for a model whose files `facts` describes; `origin` sets parent, lineage, repo_id, ..."""
     return LocalModel(
-        name=name, path=facts.files[0] if facts.format == "gguf" else facts.files[0].parent, format=str(facts.format),
+        name=name, path=facts.location or facts.files[0].parent, format=str(facts.format),
         architecture=facts.architecture, parameter_count=facts.parameter_count, quantization=facts.quantization,
         context_length=facts.context_length, size_bytes=facts.size_bytes, source=source, files=facts.files,
         **origin,  # type: ignore[arg-type]
@@ -87,7 +92,7 @@ class ModelStore:
         sweep_leftovers(Path(database).parent / "models", self._is_registered)
 
     def _is_registered(self, path: Path) -> bool:
-        return bool(self.users_of(path) or self.users_of(path.resolve()))
+        return bool(self.users_of(path) or self.users_of(path.resolve()) or self.models_at(path))
 
     def add(self, model: LocalModel) -> LocalModel:
         """Register `model` and its files, replacing an entry of the same name."""
@@ -146,7 +151,8 @@ class ModelStore:
     def _model(row: sqlite3.Row, file_rows: list[sqlite3.Row]) -> LocalModel:
         values = dict(row)
         files = tuple(Path(f["path"]) for f in file_rows)
-        return LocalModel(**{**values, "path": Path(values["path"]), "owned": any(f["owned"] for f in file_rows), "files": files})
+        return LocalModel(**{**values, "path": Path(values["path"]), "owned": any(f["owned"] for f in file_rows), "files": files,
+                             "written_folder": bool(values["written_folder"])})  # fmt: skip
 
     def resolve(self, query: str) -> LocalModel:
         """The model named `query`, or the only one whose name (or name without its `owner/`) starts with it."""
@@ -171,6 +177,22 @@ class ModelStore:
         with self._lock:
             rows = self._connection.execute("SELECT model FROM model_files WHERE path = ?", (str(path),)).fetchall()
         return [row["model"] for row in rows]
+
+    def models_at(self, path: Path) -> list[LocalModel]:
+        """The models at `path` (a GGUF file, one of a model's files, or a model folder), the exact path first.
+
+        Paths are compared as given (absolute: a Hub cache link stays a link, as registering keeps it) and resolved
+        on both sides, so the link, its blob and a relative path all name the same model."""
+        given = Path(path).expanduser().absolute()
+        resolved = given.resolve()
+        exact, linked = [], []
+        for model in self.list():
+            places = {model.path, *model.files}
+            if given in places:
+                exact.append(model)
+            elif resolved in places or resolved in {place.resolve() for place in places}:
+                linked.append(model)
+        return exact + linked
 
     def children_of(self, name: str) -> list[str]:
         with self._lock:

@@ -81,3 +81,14 @@ def test_help_does_not_import_engines() -> None:
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_convert_help_lists_the_targets_without_importing_numpy_or_engines() -> None:
+    # `--to`'s help loads every registered converter class: their modules must keep numpy and engines for convert().
+    probe = (
+        "import sys\nfrom click.testing import CliRunner\nfrom pocketlm.app.cli import cli\n"
+        "result = CliRunner().invoke(cli, ['convert', '--help'])\nassert result.exit_code == 0 and 'gptq' in result.output, result.output\n"
+        "print(sorted(m for m in ('torch', 'llama_cpp', 'transformers', 'numpy', 'gguf') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -89,3 +89,27 @@ def test_removing_a_model_whose_files_are_gone_says_so(pocket_home: Path, tmp_pa
     copy.unlink()
     removed = pocketlm("rm", "-y", "gone-soon", home=pocket_home)
     assert removed.returncode == 0 and "Removed gone-soon from the store; its files were already gone." in removed.stdout
+
+
+def test_pull_with_output_puts_the_model_there_and_chat_finds_it_by_path(loopback_hub: LoopbackHub, pocket_home: Path, tmp_path: Path) -> None:
+    target = tmp_path / "models" / "tiny"
+    pulled = pocketlm("pull", TINY_CHECKPOINT, "--output", str(target), home=pocket_home)
+    assert pulled.returncode == 0, pulled.stderr
+    assert (target / "config.json").is_file()
+    info = pocketlm("info", str(target), home=pocket_home)
+    assert info.returncode == 0 and TINY_CHECKPOINT in info.stdout, info.stdout + info.stderr
+    again = pocketlm("pull", TINY_CHECKPOINT, "--output", str(target), home=pocket_home)
+    assert_clean_failure(again, "already exists")
+
+
+def test_info_shows_a_gptq_models_bits_group_size_and_act_order_once_each(pocket_home: Path, tmp_path: Path) -> None:
+    from tests.models.test_formats import gptq_checkpoint
+
+    folder = gptq_checkpoint(tmp_path / "tiny-gptq", group_size=64, desc_act=True)
+    assert pocketlm("import", str(folder), "--name", "tiny-gptq", home=pocket_home).returncode == 0
+    shown = pocketlm("info", "tiny-gptq", home=pocket_home)
+    assert shown.returncode == 0, shown.stderr
+    labels = [line.split("  ")[0].strip() for line in shown.stdout.splitlines()]
+    assert [labels.count(label) for label in ("Bits", "Group size", "Act-order")] == [1, 1, 1], shown.stdout
+    rows = {line.split("  ")[0].strip(): line.split("  ", 1)[1].strip() for line in shown.stdout.splitlines() if "  " in line and not line.startswith(" ")}
+    assert (rows["Bits"], rows["Group size"], rows["Act-order"]) == ("4", "64", "yes")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pocketlm.converters.base import ConversionError, ConvertOptions
+from pocketlm.converters.gguf_settings import GGUFSettings
 from pocketlm.converters.hf_to_gguf import HfToGGUF
 from pocketlm.models.errors import Cancelled, ModelFileError
 from pocketlm.models.progress import ProgressUpdate, ignore_progress
@@ -82,7 +83,7 @@ def test_cancel_during_quantization_keeps_nothing(converted_f16: Path, tmp_path:
             cancel.set()
 
     with pytest.raises(Cancelled):
-        GGUFQuantizer().convert(converted_f16, tmp_path / "q.gguf", ConvertOptions(quant="Q4_0", cancel=cancel), stop_at_tensor_three)
+        GGUFQuantizer().convert(converted_f16, tmp_path / "q.gguf", ConvertOptions(settings=GGUFSettings(quant="Q4_0"), cancel=cancel), stop_at_tensor_three)
     assert leftovers(tmp_path) == []
 
 

@@ -9,21 +9,13 @@ from pathlib import Path
 import pytest
 
 from pocketlm.converters.base import ConversionError, ConvertOptions
+from pocketlm.converters.gguf_settings import GGUFSettings
 from pocketlm.converters.hf_to_gguf import HfToGGUF
 from pocketlm.models.errors import ModelFileError, PocketError
 from pocketlm.models.progress import ignore_progress
 from pocketlm.models.store import ModelStore
 from tests.app.test_cli import assert_clean_failure, pocketlm
-from tests.converters.tiny_models import build_tiny_model, edit_config, rewrite_safetensors_header, train_sentencepiece_tokenizer
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random two-layer Llama (hidden 64, 4 heads, 2 KV heads) with a 600-token SentencePiece tokenizer, built once
-    in seconds and without the real starter model."""
-    folder = tmp_path_factory.mktemp("tiny")
-    tokenizer = train_sentencepiece_tokenizer(folder / "tokenizer")
-    return build_tiny_model("llama", folder / "llama", tokenizer, vocab_size=600)
+from tests.converters.tiny_models import edit_config, rewrite_safetensors_header
 
 
 @pytest.fixture
@@ -36,7 +28,7 @@ def refused(folder: Path, tmp_path: Path, error: type[PocketError], match: str) 
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(error, match=match) as raised:
-        HfToGGUF().convert(folder, out / "model.gguf", ConvertOptions(outtype="f32"), ignore_progress)
+        HfToGGUF().convert(folder, out / "model.gguf", ConvertOptions(settings=GGUFSettings(outtype="f32")), ignore_progress)
     assert list(out.iterdir()) == []
     assert raised.value.hint, "every refusal says what to do"
     return raised.value
@@ -44,7 +36,7 @@ def refused(folder: Path, tmp_path: Path, error: type[PocketError], match: str) 
 
 def test_the_unchanged_tiny_checkpoint_converts(checkpoint: Path, tmp_path: Path) -> None:
     # The control for every refusal below: the same checkpoint, untouched, is accepted.
-    result = HfToGGUF().convert(checkpoint, tmp_path / "model.gguf", ConvertOptions(outtype="f32"), ignore_progress)
+    result = HfToGGUF().convert(checkpoint, tmp_path / "model.gguf", ConvertOptions(settings=GGUFSettings(outtype="f32")), ignore_progress)
     assert result.path.stat().st_size > 0
 
 
@@ -172,3 +164,17 @@ async def test_the_app_shows_an_unforeseen_conversion_failure_as_a_notification(
         assert any("failed unexpectedly" in str(n.message) for n in app._notifications)
         assert app.is_running and app.screen is screen
     assert [p.name for p in (pocket_home / "models").iterdir()] == []
+
+
+def test_an_importance_matrix_is_never_computed_from_pickle_weights(checkpoint: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from pocketlm.converters.importance_matrix import compute_imatrix
+
+    # The same weights as a pickle only: transformers would load them, unless told to take safetensors alone.
+    torch.save(load_file(checkpoint / "model.safetensors"), checkpoint / "pytorch_model.bin")
+    (checkpoint / "model.safetensors").unlink()
+    with pytest.raises(ConversionError, match="No safetensors weights to compute the importance matrix from") as refused:
+        compute_imatrix(checkpoint, "The quick brown fox jumps over the lazy dog. " * 8)
+    assert "pickle weights (*.bin) are never loaded" in refused.value.hint

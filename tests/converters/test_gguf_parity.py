@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pocketlm.converters.base import ConvertOptions
+from pocketlm.converters.gguf_settings import GGUFSettings
 from pocketlm.converters.hf_to_gguf import HfToGGUF
 from pocketlm.models.progress import ignore_progress
 from tests.converters.tiny_models import TINY_CONFIGS, build_tiny_model
@@ -52,14 +53,14 @@ def test_logits_match_transformers(kind: str, starter_checkpoint: Path, tmp_path
     expected = transformers_logits(checkpoint, TOKEN_IDS)
     scale = np.abs(expected).max()
 
-    f32 = HfToGGUF().convert(checkpoint, tmp_path / "f32.gguf", ConvertOptions(outtype="f32"), ignore_progress).path
+    f32 = HfToGGUF().convert(checkpoint, tmp_path / "f32.gguf", ConvertOptions(settings=GGUFSettings(outtype="f32")), ignore_progress).path
     # f32 end to end: only the order of float additions differs between the two engines (measured: about 1e-6 of
     # the largest logit); 1e-4 leaves room for other CPUs' SIMD paths while any misplaced weight moves logits by
     # far more (a wrong q/k permutation, a missed norm or bias: 1e-1 and up).
     f32_error = np.abs(llama_cpp_logits(f32, TOKEN_IDS) - expected).max() / scale
     assert f32_error < F32_BOUND.get(kind, 1e-4), f"{kind} f32: largest logit error {f32_error:.2e} of the largest logit"
 
-    f16 = HfToGGUF().convert(checkpoint, tmp_path / "f16.gguf", ConvertOptions(outtype="f16"), ignore_progress).path
+    f16 = HfToGGUF().convert(checkpoint, tmp_path / "f16.gguf", ConvertOptions(settings=GGUFSettings(outtype="f16")), ignore_progress).path
     # f16 weights carry an 11-bit mantissa (relative rounding up to 4.9e-4 per weight); through two layers it came to
     # about 1.6e-3 of the largest logit. 1e-2 is a bound f16 rounding stays under and a conversion error does not.
     got = llama_cpp_logits(f16, TOKEN_IDS)
@@ -77,7 +78,7 @@ def test_a_bf16_checkpoint_converts_exactly_and_defaults_to_bf16(starter_checkpo
 
     checkpoint = build_tiny_model("llama", tmp_path / "checkpoint", starter_checkpoint, dtype="bfloat16")
     expected = transformers_logits(checkpoint, TOKEN_IDS)  # transformers upcasts the bf16 weights to float32
-    f32 = HfToGGUF().convert(checkpoint, tmp_path / "f32.gguf", ConvertOptions(outtype="f32"), ignore_progress).path
+    f32 = HfToGGUF().convert(checkpoint, tmp_path / "f32.gguf", ConvertOptions(settings=GGUFSettings(outtype="f32")), ignore_progress).path
     assert np.abs(llama_cpp_logits(f32, TOKEN_IDS) - expected).max() / np.abs(expected).max() < 1e-4
     # f16 holds values up to 65504 only; bf16 weights keep their own type unless asked otherwise.
     auto = HfToGGUF().convert(checkpoint, tmp_path / "auto.gguf", ConvertOptions(), ignore_progress).path
@@ -122,7 +123,7 @@ def test_a_sentencepiece_tokenizer_matches_too(tmp_path: Path) -> None:
 
     tokenizer = train_sentencepiece_tokenizer(tmp_path / "tokenizer")
     checkpoint = build_tiny_model("llama", tmp_path / "checkpoint", tokenizer, vocab_size=600)
-    gguf = HfToGGUF().convert(checkpoint, tmp_path / "model.gguf", ConvertOptions(outtype="f32"), ignore_progress).path
+    gguf = HfToGGUF().convert(checkpoint, tmp_path / "model.gguf", ConvertOptions(settings=GGUFSettings(outtype="f32")), ignore_progress).path
     reference = AutoTokenizer.from_pretrained(checkpoint)
     original = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer / "tokenizer.model"))
     vocab = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)

@@ -86,13 +86,6 @@ def imported_checkpoint(starter_checkpoint: Path, pocket_home: Path) -> str:
     return "smol-checkpoint"
 
 
-@pytest.fixture
-def imported_f16(converted_f16: Path, pocket_home: Path) -> str:
-    result = pocketlm("import", str(converted_f16), "--name", "smol-f16", home=pocket_home)
-    assert result.returncode == 0, result.stderr
-    return "smol-f16"
-
-
 def test_kill_9_while_convert_writes_the_f16_leaves_nothing_after_the_next_start(imported_checkpoint: str, pocket_home: Path, tmp_path: Path) -> None:
     log = tmp_path / "convert.log"
     models = pocket_home / "models"
@@ -154,3 +147,52 @@ def test_ctrl_c_during_convert_stops_it_with_a_sentence_and_leaves_nothing(impor
     assert "Conversion interrupted; nothing was written." in stderr and "Traceback" not in stderr
     assert list(models.iterdir()) == [], "no working folder, partial output or registering mark is left"
     assert "Q4_K_M" not in pocketlm("ls", home=pocket_home).stdout
+
+
+@pytest.fixture
+def imported_tiny_checkpoint(tiny_llama: Path, pocket_home: Path) -> str:
+    result = pocketlm("import", str(tiny_llama), "--name", "tiny", home=pocket_home)
+    assert result.returncode == 0, result.stderr
+    return "tiny"
+
+
+def test_kill_9_as_a_finished_gptq_folder_is_renamed_leaves_no_folder_after_the_next_start(imported_tiny_checkpoint: str, pocket_home: Path) -> None:
+    # The whole folder is written and flushed; the kill comes at the rename that would put it in place.
+    killed_at_event(pocket_home, "os.rename", ".partial", "tiny-GPTQ-4bit-g32", "convert", imported_tiny_checkpoint, "--to", "gptq", "--group-size", "32")
+    assert any(name.endswith(".partial") for name in half_made(pocket_home)), "the kill must catch the partial folder"
+    assert_the_next_start_finds_a_consistent_store(pocket_home, "GPTQ")
+    assert list((pocket_home / "models").iterdir()) == []
+
+
+def test_kill_9_between_a_folders_rename_and_its_registration_leaves_no_folder(imported_tiny_checkpoint: str, pocket_home: Path) -> None:
+    # The folder is in place under its final name; the kill comes as the registry reads it to record it.
+    killed_at_event(pocket_home, "open", "tiny-GPTQ-4bit-g32/config.json", "r", "convert", imported_tiny_checkpoint, "--to", "gptq", "--group-size", "32")
+    assert (pocket_home / "models" / "tiny-GPTQ-4bit-g32").is_dir(), "the kill must come after the rename"
+    assert_the_next_start_finds_a_consistent_store(pocket_home, "GPTQ")
+    assert list((pocket_home / "models").iterdir()) == []
+
+
+def test_kill_9_while_a_gptq_folder_replaces_an_earlier_one_keeps_the_earlier_one(imported_tiny_checkpoint: str, pocket_home: Path) -> None:
+    first = pocketlm("convert", imported_tiny_checkpoint, "--to", "gptq", "--group-size", "32", home=pocket_home)
+    assert first.returncode == 0, first.stderr
+    output = pocket_home / "models" / "tiny-GPTQ-4bit-g32"
+    # The old folder is moved aside; the kill comes at the rename that would put the new one in its place.
+    killed_at_event(pocket_home, "os.rename", ".partial", "tiny-GPTQ-4bit-g32", "convert", imported_tiny_checkpoint, "--to", "gptq", "--group-size", "32")
+    assert not output.exists(), "the kill must come between the two renames"
+    assert_the_next_start_finds_a_consistent_store(pocket_home, "GPTQ-absent-name")
+    assert output.is_dir() and "tiny:GPTQ-4bit-g32" in pocketlm("ls", home=pocket_home).stdout
+    assert sorted(p.name for p in (pocket_home / "models").iterdir()) == ["tiny-GPTQ-4bit-g32"]
+
+
+def test_kill_9_while_writing_outside_the_models_folder_leaves_nothing_there_after_the_next_start(imported_tiny_checkpoint: str, pocket_home: Path,
+                                                                                                   tmp_path: Path) -> None:  # fmt: skip
+    elsewhere = tmp_path / "my-models"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("the user's own file stays")
+    # The GGUF is whole; the kill comes at the rename that would put it in place, beside the user's file.
+    killed_at_event(pocket_home, "os.rename", ".partial", "out.gguf", "convert", imported_tiny_checkpoint, "--output", str(elsewhere / "out.gguf"))
+    left = sorted(p.name for p in elsewhere.iterdir())
+    assert any(name.endswith(".partial") for name in left) and any(name.endswith(".registering") for name in left), left
+    assert_the_next_start_finds_a_consistent_store(pocket_home, "F16")
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["notes.txt"]
+    assert list((pocket_home / "models").iterdir()) == [], "the working folder and the mark naming the other folder are gone"

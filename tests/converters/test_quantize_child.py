@@ -14,19 +14,13 @@ import pytest
 
 from pocketlm.converters.base import ConversionError, ConvertOptions
 from pocketlm.converters.gguf_quantize import CHILD_MODULE_ENV, GGUFQuantizer
+from pocketlm.converters.gguf_settings import GGUFSettings
 from pocketlm.models.errors import Cancelled, NotEnoughMemory
 from pocketlm.models.progress import ProgressUpdate, ignore_progress
-from tests.backends.tiny_gguf import write_tiny_llama_gguf
 from tests.converters.quantize_seams import PROBLEM
-from tests.converters.test_kill_during_conversion import imported_f16, start  # noqa: F401 - imported_f16 is a fixture
+from tests.converters.test_kill_during_conversion import start
 
 CHILD_NAME = "gguf_quantize_child"
-
-
-@pytest.fixture
-def tiny_f16(tmp_path: Path) -> Path:
-    (tmp_path / "input").mkdir()
-    return write_tiny_llama_gguf(tmp_path / "input" / "tiny.gguf")
 
 
 @pytest.fixture
@@ -65,7 +59,7 @@ def test_a_quantizer_that_aborts_gives_the_crash_sentence_and_leaves_nothing(tin
     seam("abort")
     out = tmp_path / "out"
     with pytest.raises(ConversionError) as crashed:
-        GGUFQuantizer().convert(tiny_f16, out / "tiny-Q4_0.gguf", ConvertOptions(quant="Q4_0"), ignore_progress)
+        GGUFQuantizer().convert(tiny_f16, out / "tiny-Q4_0.gguf", ConvertOptions(settings=GGUFSettings(quant="Q4_0")), ignore_progress)
     assert crashed.value.message == f"llama.cpp crashed while quantizing tiny.gguf (signal SIGABRT: {PROBLEM}); the input may be damaged."
     assert crashed.value.hint
     assert sorted(p.name for p in out.iterdir()) == []
@@ -74,7 +68,7 @@ def test_a_quantizer_that_aborts_gives_the_crash_sentence_and_leaves_nothing(tin
 def test_a_quantizer_killed_by_sigkill_is_blamed_on_memory(tiny_f16: Path, tmp_path: Path, seam) -> None:  # type: ignore[no-untyped-def]
     seam("killed")
     with pytest.raises(NotEnoughMemory, match="killed while quantizing tiny.gguf, probably for lack of memory"):
-        GGUFQuantizer().convert(tiny_f16, tmp_path / "out" / "tiny-Q4_0.gguf", ConvertOptions(quant="Q4_0"), ignore_progress)
+        GGUFQuantizer().convert(tiny_f16, tmp_path / "out" / "tiny-Q4_0.gguf", ConvertOptions(settings=GGUFSettings(quant="Q4_0")), ignore_progress)
     assert list((tmp_path / "out").iterdir()) == []
 
 
@@ -89,7 +83,7 @@ def test_cancel_mid_quantization_kills_the_quantizer_and_keeps_nothing(converted
 
     out = tmp_path / "out"
     with pytest.raises(Cancelled):
-        GGUFQuantizer().convert(converted_f16, out / "q.gguf", ConvertOptions(quant="Q4_0", cancel=cancel), cancel_at_tensor_three)
+        GGUFQuantizer().convert(converted_f16, out / "q.gguf", ConvertOptions(settings=GGUFSettings(quant="Q4_0"), cancel=cancel), cancel_at_tensor_three)
     assert len(seen) == 1, "the quantizer runs in one child process"
     assert not psutil.pid_exists(seen[0]), "the cancel must kill the quantizer, not wait for it to finish"
     assert list(out.iterdir()) == []
@@ -111,7 +105,7 @@ def test_cancel_reaches_a_quantizer_that_prints_nothing(tiny_f16: Path, tmp_path
     canceller.start()
     try:
         with pytest.raises(Cancelled):
-            GGUFQuantizer().convert(tiny_f16, tmp_path / "out" / "q.gguf", ConvertOptions(quant="Q4_0", cancel=cancel), ignore_progress)
+            GGUFQuantizer().convert(tiny_f16, tmp_path / "out" / "q.gguf", ConvertOptions(settings=GGUFSettings(quant="Q4_0"), cancel=cancel), ignore_progress)
     finally:
         canceller.join()
     assert pid_file.exists(), "the child never started"
@@ -124,14 +118,16 @@ def test_a_computed_importance_matrix_reaches_the_child_and_its_file_is_removed(
     import numpy as np
 
     weights = [t for t in gguf.GGUFReader(tiny_f16).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
-    matrix = {t.name: np.ones(int(t.shape[0]), dtype=np.float32) for t in weights}
+    from pocketlm.converters.importance_matrix import ImportanceMatrix
+
+    matrix = ImportanceMatrix({t.name: np.ones(int(t.shape[0]), dtype=np.float32) for t in weights})
     out = tmp_path / "out"
-    result = GGUFQuantizer().convert(tiny_f16, out / "q.gguf", ConvertOptions(quant="Q4_0", importance_matrix=matrix), ignore_progress)  # type: ignore[arg-type]
+    result = GGUFQuantizer().convert(tiny_f16, out / "q.gguf", ConvertOptions(settings=GGUFSettings(quant="Q4_0", importance_matrix=matrix)), ignore_progress)
     assert result.how == "quantize Q4_0 (imatrix)"
     assert sorted(p.name for p in out.iterdir()) == ["q.gguf"]
 
 
-def test_kill_9_of_pocketlm_while_quantizing_leaves_no_quantizer_running(imported_f16: str, pocket_home: Path, tmp_path: Path,  # noqa: F811
+def test_kill_9_of_pocketlm_while_quantizing_leaves_no_quantizer_running(imported_f16: str, pocket_home: Path, tmp_path: Path,
                                                                           seam, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     # The stand-in never finishes on its own: only the parent's death, seen on its stdin, can end it.
     seam("silent")

@@ -64,14 +64,16 @@ def test_q4_k_m_perplexity_is_within_a_few_percent_of_f16(converted_f16: Path, q
 
 def test_an_importance_matrix_makes_low_bit_quantization_better(starter_checkpoint: Path, converted_f16: Path, tmp_path: Path) -> None:
     from pocketlm.converters.base import ConvertOptions
+    from pocketlm.converters.calibration import BUILTIN_CALIBRATION_TEXT
     from pocketlm.converters.gguf_quantize import GGUFQuantizer
-    from pocketlm.converters.importance_matrix import BUILTIN_CALIBRATION_TEXT, compute_imatrix
+    from pocketlm.converters.gguf_settings import GGUFSettings
+    from pocketlm.converters.importance_matrix import compute_imatrix
     from pocketlm.models.progress import ignore_progress
 
     matrix = compute_imatrix(starter_checkpoint, BUILTIN_CALIBRATION_TEXT)
-    assert matrix["blk.0.attn_q.weight"].shape == (576,) and (matrix["blk.0.attn_q.weight"] > 0).all()
-    plain = GGUFQuantizer().convert(converted_f16, tmp_path / "plain.gguf", ConvertOptions(quant="IQ4_XS"), ignore_progress)
-    guided = GGUFQuantizer().convert(converted_f16, tmp_path / "guided.gguf", ConvertOptions(quant="IQ4_XS", importance_matrix=matrix), ignore_progress)  # type: ignore[arg-type]
+    assert matrix.values["blk.0.attn_q.weight"].shape == (576,) and (matrix.values["blk.0.attn_q.weight"] > 0).all()
+    plain = GGUFQuantizer().convert(converted_f16, tmp_path / "plain.gguf", ConvertOptions(settings=GGUFSettings(quant="IQ4_XS")), ignore_progress)
+    guided = GGUFQuantizer().convert(converted_f16, tmp_path / "guided.gguf", ConvertOptions(settings=GGUFSettings(quant="IQ4_XS", importance_matrix=matrix)), ignore_progress)
     assert guided.how == "quantize IQ4_XS (imatrix)"
     # Measured on this text (not the calibration text): 24.6 without, 21.1 with. IQ4_XS is the type llama.cpp
     # recommends an imatrix for; a matrix that is ignored or misnamed leaves the two equal.

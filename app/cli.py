@@ -67,6 +67,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     With no command, opens the terminal app.
     """
+    if not debug:
+        from pocketlm.app.library_noise import quiet_library_chatter
+
+        quiet_library_chatter()
     if ctx.invoked_subcommand is None:
         from pocketlm.app.pocket_app import PocketApp
 
@@ -79,7 +83,10 @@ def model_options(function):  # type: ignore[no-untyped-def]
         click.option("--ctx", "context_length", type=click.IntRange(min=64), help="Context window in tokens (default 4096)."),
         click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: physical cores)."),
         click.option("--gpu-layers", type=int, default=0, show_default=True, help="Layers to offload to the GPU (-1: all)."),
-        click.option("--backend", help="Backend to use (see `pocketlm backends`)."),
+        click.option("--backend", help="Backend to use (see `pocketlm backends`); default: the first installed one for the model's format."),
+        click.option("--device", help="PyTorch/MLX device: cuda, cuda:1, cpu, mps (default: a GPU when there is one)."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), help="PyTorch weights' type (default: bf16/f16 on a GPU, float32 on a CPU)."),
+        click.option("--trust-remote-code", is_flag=True, help="Run Python code that comes with a checkpoint (transformers); off by default."),
         click.option("--force", is_flag=True, help="Load even if the model looks too big for this machine's memory."),
     ]
     for decorator in reversed(decorators):
@@ -101,10 +108,12 @@ def sampling_options(function):  # type: ignore[no-untyped-def]
     return function
 
 
-def _load_options(context_length: int | None, threads: int | None, gpu_layers: int, force: bool) -> LoadOptions:
+def _load_options(context_length: int | None, threads: int | None, gpu_layers: int, force: bool, device: str | None = None,
+                  dtype: str | None = None, trust_remote_code: bool = False) -> LoadOptions:  # fmt: skip
     from pocketlm.backends.base import LoadOptions
 
-    return LoadOptions(context_length=context_length, threads=threads, gpu_layers=gpu_layers, force=force)
+    return LoadOptions(context_length=context_length, threads=threads, gpu_layers=gpu_layers, force=force, device=device,
+                       dtype=dtype, trust_remote_code=trust_remote_code)  # fmt: skip
 
 
 def _sampling(temperature: float, top_p: float, top_k: int, max_tokens: int | None, seed: int | None) -> SamplingParams:
@@ -236,8 +245,9 @@ def _read_message() -> str | None:
 @click.option("-c", "--continue", "resume", is_flag=True, help="Continue the latest conversation.")
 def chat(model: str | None, system: str, temperature: float, top_p: float, top_k: int, max_tokens: int | None,
          seed: int | None, context_length: int | None, threads: int | None, gpu_layers: int, backend: str | None,
+         device: str | None, dtype: str | None, trust_remote_code: bool,
          force: bool, resume: bool) -> None:  # fmt: skip
-    """Chat with MODEL (a name from `pocketlm ls`, a prefix of one, or a .gguf path).
+    """Chat with MODEL (a name from `pocketlm ls`, a prefix of one, a .gguf file or a model folder).
 
     In a terminal this is an interactive chat. With input piped in (`echo hi | pocketlm chat MODEL`)
     it answers that input once and prints only the reply.
@@ -247,7 +257,7 @@ def chat(model: str | None, system: str, temperature: float, top_p: float, top_k
 
     interactive = sys.stdin.isatty()
     console = Console(stderr=True)
-    chat_model, history = _load(model, interactive, _load_options(context_length, threads, gpu_layers, force), backend, console)
+    chat_model, history = _load(model, interactive, _load_options(context_length, threads, gpu_layers, force, device, dtype, trust_remote_code), backend, console)
     sampling = _sampling(temperature, top_p, top_k, max_tokens, seed)
     name = chat_model.description.name
     latest = history.list()[:1] if resume else []
@@ -264,7 +274,8 @@ def chat(model: str | None, system: str, temperature: float, top_p: float, top_k
     from pocketlm.models.errors import PocketError
 
     # Names and messages are escaped: rich parses a printed str as markup, and `evil[/]name` would raise.
-    console.print(f"[bold]{escape(name)}[/bold] on {escape(chat_model.description.backend)} · "
+    where = chat_model.description.backend + (f" ({chat_model.description.device})" if chat_model.description.device else "")
+    console.print(f"[bold]{escape(name)}[/bold] on {escape(where)} · "
                   f"{chat_model.description.context_length} tokens of context. /? for help.")
     while (text := _read_message()) is not None:
         if not text.strip():
@@ -293,12 +304,13 @@ def chat(model: str | None, system: str, temperature: float, top_p: float, top_k
 @model_options
 def run(model: str, prompt: str, system: str, temperature: float, top_p: float, top_k: int, max_tokens: int | None,
         seed: int | None, context_length: int | None, threads: int | None, gpu_layers: int, backend: str | None,
+        device: str | None, dtype: str | None, trust_remote_code: bool,
         force: bool) -> None:  # fmt: skip
     """Answer PROMPT once with MODEL and print the reply."""
     from rich.console import Console
 
     console = Console(stderr=True)
-    chat_model, history = _load(model, False, _load_options(context_length, threads, gpu_layers, force), backend, console)
+    chat_model, history = _load(model, False, _load_options(context_length, threads, gpu_layers, force, device, dtype, trust_remote_code), backend, console)
     sampling = _sampling(temperature, top_p, top_k, max_tokens, seed)
     conversation = history.create(model=chat_model.description.name, system_prompt=system, sampling=sampling)
     _stream_reply(history, chat_model, conversation.id, prompt, sampling, None)
@@ -316,12 +328,19 @@ def starter() -> None:
 
 @cli.command()
 def backends() -> None:
-    """List the inference backends and whether each is installed."""
+    """List the inference backends: the formats each loads, where it runs here, or what to install."""
     from pocketlm.backends.registry import backend_classes
 
     for backend in backend_classes():
-        state = "installed" if backend.is_available() else f"not installed — {backend.install_hint}"
-        click.echo(f"{backend.name:<12} {', '.join(sorted(backend.formats)):<20} {state}")
+        formats = ", ".join(sorted(backend.formats))
+        if not backend.is_available():
+            click.echo(f"{backend.name:<10} {formats:<18} not installed: {backend.install_hint}")
+            continue
+        try:
+            where = backend.device_summary()
+        except Exception as error:  # a broken driver or library install must not hide the other backends
+            where = f"installed, but its device could not be read ({type(error).__name__}: {error})"
+        click.echo(f"{backend.name:<10} {formats:<18} {where}")
 
 
 for _command in (cli_models.search, cli_models.pull, cli_models.list_models, cli_models.info, cli_models.rm, cli_models.import_model,

@@ -2,8 +2,29 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pocketlm.models.errors import PocketError
 from pocketlm.models.fit import estimate_model_memory, gib, human_bytes
+from pocketlm.models.formats import read_gptq_facts
 from pocketlm.models.store import LocalModel, ModelStore
+
+if TYPE_CHECKING:
+    from pocketlm.backends.base import Backend
+
+DeviceLookup = Callable[["type[Backend]"], "str | None"]
+
+
+@dataclass(frozen=True)
+class LoadedFacts:
+    """Where an open model runs, as the Chat screen knows it (the store knows only the files)."""
+
+    backend: str
+    device: str  # "CPU, 2 physical cores", "CUDA: NVIDIA H200, 139.8 GiB"
+    weights: str  # what the backend holds the weights as: a GGUF or GPTQ quantization, or a torch dtype
 
 
 def parameters(count: int) -> str:
@@ -37,11 +58,76 @@ def lineage_chain(store: ModelStore, model: LocalModel) -> list[str]:
     return chain
 
 
-def detail_rows(store: ModelStore, model: LocalModel) -> list[tuple[str, str]]:
+def gptq_rows(model: LocalModel) -> list[tuple[str, str]]:
+    """A GPTQ checkpoint's bits, group size and act-order, read by the parser the store and backends use."""
+    if model.format != "gptq" or not model.path.is_dir():
+        return []
+    try:
+        facts = read_gptq_facts(model.path)
+    except PocketError:
+        return []  # a damaged config: the Quantization row still says what the store read
+    if facts is None:
+        return []
+    group = "per row (-1)" if facts.group_size == -1 else str(facts.group_size)
+    return [("Bits", str(facts.bits)), ("Group size", group), ("Act-order", "yes" if facts.act_order else "no")]
+
+
+_devices: dict[str, str] = {}
+_devices_lock = threading.Lock()
+
+
+def device_of(backend: type[Backend]) -> str:
+    """Where `backend` runs on this machine ("CPU (float32), 2 cores", "CUDA: NVIDIA H200, 139.8 GiB"), asked once per
+    backend and kept: asking may import torch (seconds), so the app calls this from a worker, never its UI thread.
+    A backend that cannot say is "" rather than an error: the details must never cost the user the rest."""
+    with _devices_lock:
+        if backend.name in _devices:
+            return _devices[backend.name]
+    try:
+        summary = backend.device_summary()
+    except Exception:  # noqa: BLE001 - see above
+        summary = ""
+    with _devices_lock:
+        return _devices.setdefault(backend.name, summary)
+
+
+def known_device(backend: type[Backend]) -> str | None:
+    """`device_of(backend)` if it has been asked already, else None; never blocks (for the UI thread)."""
+    with _devices_lock:
+        return _devices.get(backend.name)
+
+
+def default_backend(model: LocalModel) -> type[Backend] | PocketError:
+    """The backend that opens `model` when none is named (the registry's choice by priority), or why none can."""
+    from pocketlm.backends.registry import backend_for
+
+    try:
+        return type(backend_for(model.format))
+    except PocketError as refusal:
+        return refusal
+
+
+def opens_with(model: LocalModel, device: DeviceLookup = device_of) -> str:
+    """Which backend opens `model` by default and on what device: "torch on CPU (float32), 2 cores"; `device` may
+    return None for a device not known yet (the app's UI thread then shows the backend alone until it is)."""
+    backend = default_backend(model)
+    if isinstance(backend, PocketError):
+        return f"no installed backend: {backend.message} {backend.hint}".strip()
+    where = device(backend)
+    if where is None:
+        return f"{backend.name} (finding its device…)"
+    return f"{backend.name} on {where}" if where else backend.name
+
+
+def detail_rows(store: ModelStore, model: LocalModel, loaded: LoadedFacts | None = None,
+                device: DeviceLookup | None = None) -> list[tuple[str, str]]:  # fmt: skip
+    """Facts about `model` for `info` and the Models screen; `loaded` adds where it runs when it is open in Chat, and
+    `device` (device_of, or known_device on a UI thread) which backend would open it by default and on what device."""
     rows = [("Name", model.name), ("Format", model.format), ("Architecture", model.architecture),
             ("Parameters", parameters(model.parameter_count)), ("Quantization", model.quantization or "-"),
             ("Context length", f"{model.context_length:,}" if model.context_length else "?"),
             ("Size on disk", human_bytes(model.size_bytes)), ("Source", model.source)]  # fmt: skip
+    rows[5:5] = gptq_rows(model)
     if model.repo_id:
         rows.append(("Hub repo", f"{model.repo_id} at {model.revision}"))
     if model.parent:
@@ -56,5 +142,9 @@ def detail_rows(store: ModelStore, model: LocalModel) -> list[tuple[str, str]]:
     else:
         verdict = "fits" if estimate.fits else "does NOT fit"
         rows.append(("Memory", f"{verdict}: needs about {gib(estimate.total_bytes)} at {estimate.context_length:,} tokens of context; "
-                               f"{gib(estimate.available_bytes)} available"))  # fmt: skip
+                               f"{gib(estimate.available_bytes)} of {estimate.memory_name} available"))  # fmt: skip
+    if device is not None:
+        rows.append(("Opens by default with", opens_with(model, device)))
+    if loaded is not None:
+        rows.append(("Open in Chat", f"{loaded.backend} on {loaded.device or 'its default device'}, weights as {loaded.weights}"))
     return rows

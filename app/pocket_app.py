@@ -13,15 +13,8 @@ from pocketlm.app.screens.chat import ChatScreen
 from pocketlm.app.screens.convert import ConvertScreen
 from pocketlm.app.screens.models import ModelsScreen
 from pocketlm.backends.base import LoadOptions, SamplingParams
-from pocketlm.models.fit import physical_cores
 from pocketlm.models.locations import database_path
 from pocketlm.models.store import ModelStore
-
-
-def engine_threads_beside_the_ui() -> int:
-    """Physical cores less one: llama.cpp's threads wait for each other at every step, so one that shares its core
-    with the app's rendering stalls them all (on 2 cores, 2 threads decode at half the speed of 1 in the app)."""
-    return max(1, physical_cores() - 1)
 
 
 class PocketApp(App[None]):
@@ -38,7 +31,8 @@ class PocketApp(App[None]):
         super().__init__()
         self.store = ModelStore(database_path())
         self.history = ConversationStore(database_path())
-        self.load_options = load_options or LoadOptions(threads=engine_threads_beside_the_ui())
+        # The UI shares the cores with the engine: each backend applies its own rule for that (llama.cpp keeps one free).
+        self.load_options = load_options or LoadOptions(beside_ui=True)
         self.default_sampling = default_sampling or SamplingParams()
         self.backend = backend
         self._initial_model = model
@@ -65,7 +59,12 @@ class PocketApp(App[None]):
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Models", "Local models, Hub search and pull, delete (F3)", self.action_show_models)
-        yield SystemCommand("Convert", "Convert a checkpoint to GGUF and quantize it (F4)", self.action_show_convert)
+        yield SystemCommand("Convert", "Convert a checkpoint to GGUF or GPTQ, or quantize a GGUF (F4)", self.action_show_convert)
+
+    @property
+    def model_named(self) -> bool:
+        """Whether the user named the model to open (rather than the app picking the latest or first one)."""
+        return self._initial_model is not None
 
     @property
     def initial_model(self) -> str | None:

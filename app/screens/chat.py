@@ -18,7 +18,9 @@ from pocketlm.app.chat_session import reply
 from pocketlm.app.messages import GenerationFailed, GenerationUpdate, ModelLoaded, ModelLoadFailed
 from pocketlm.app.screens.chat_settings import ChatSettings, ChatSettingsDialog
 from pocketlm.app.screens.dialogs import ConfirmDialog, TextPromptDialog
-from pocketlm.app.screens.model_picker import ModelPicker
+from pocketlm.app.model_details import LoadedFacts, device_of
+from pocketlm.app.notify import as_pocket_error, notify_error
+from pocketlm.app.screens.model_picker import ModelPicker, PickedModel
 from pocketlm.app.screens.starter_offer import StarterOffer
 from pocketlm.app.widgets.conversation_list import ConversationItem, ConversationList
 from pocketlm.app.widgets.message_log import MessageLog
@@ -57,6 +59,7 @@ class ChatScreen(Screen[None]):
         self._reply_text = ""
         self._load_serial = 0  # only the latest load request's model is kept
         self._settled_serial = 0  # the latest request that has loaded or failed
+        self._device = ""  # where the open model runs, as the status line says it
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -80,7 +83,8 @@ class ChatScreen(Screen[None]):
             await self.refresh_conversations()
         self.query_one(PromptInput).focus()
         if name := self.app.initial_model:
-            self.begin_loading(name)
+            # A model and backend both named on the command line go together: a mismatch is the user's to hear about.
+            self.begin_loading(name, self.app.backend, chosen=self.app.model_named and self.app.backend is not None)
         else:
             self.app.push_screen(StarterOffer(self.app.store), self._starter_installed)
 
@@ -114,27 +118,50 @@ class ChatScreen(Screen[None]):
     # Model loading ----------------------------------------------------------------------------------------------
 
     @work(thread=True, group="load")
-    def load_model(self, name: str, serial: int) -> None:
+    def load_model(self, name: str, serial: int, backend: str | None, chosen: bool) -> None:
         from pocketlm.app.model_loading import choose_model, load_model
+        from pocketlm.backends.registry import backend_classes
 
         try:
-            model = load_model(choose_model(self.app.store, name), self.app.load_options, self.app.backend)
-        except PocketError as error:
-            self.post_message(ModelLoadFailed(str(error), serial))
-            return
+            choice = choose_model(self.app.store, name)
+            if not chosen:
+                backend = self._app_backend_for(choice.format)
+            model = load_model(choice, self.app.load_options, backend)
+            engine = next((b for b in backend_classes() if b.name == model.description.backend), None)
+            device = model.description.device or (device_of(engine) if engine is not None else "")
         except Exception as error:  # noqa: BLE001 - a failed load is a notification; a dead worker would end the app
-            self.post_message(ModelLoadFailed(f"Loading {name} failed unexpectedly ({type(error).__name__}: {error}).", serial))
+            self.post_message(ModelLoadFailed(as_pocket_error(f"Loading {name}", error), serial))
             return
-        self.post_message(ModelLoaded(model, serial))
+        self.post_message(ModelLoaded(model, serial, device))
 
-    def begin_loading(self, name: str) -> None:
+    def _app_backend_for(self, model_format: str) -> str | None:
+        """The backend named on the command line where it loads `model_format`, else None (the registry's choice): a
+        llama.cpp the app was started with must not be forced on a safetensors model opened later."""
+        from pocketlm.backends.registry import backend_classes
+
+        named = self.app.backend
+        if named is None or any(b.name == named and model_format in b.formats for b in backend_classes()):
+            return named
+        return None
+
+    def begin_loading(self, name: str, backend: str | None = None, *, chosen: bool = False) -> None:
+        """Load `name`. `chosen`: the user picked `backend` for this load (None meaning "auto": the registry's choice
+        for the model's format), and a backend that cannot load it is refused with a sentence. Otherwise `backend` is
+        ignored and the one named on the command line is used when it loads the model's format, else the registry's."""
         if self.generating:
             self.notify("Stop the reply before switching models.", severity="warning")
             return
         status = self.query_one(StatusLine)
-        status.model_name, status.backend, status.state = name, "", "loading…"
+        status.model_name, status.backend, status.device, status.state = name, "", "", "loading…"
         self._load_serial += 1
-        self.load_model(name, self._load_serial)
+        self.load_model(name, self._load_serial, backend, chosen)
+
+    def loaded_facts(self) -> LoadedFacts | None:
+        """Where the open model runs, for the Models screen's details."""
+        if self.model is None:
+            return None
+        description = self.model.description
+        return LoadedFacts(description.backend, self.query_one(StatusLine).device, description.quantization)
 
     @property
     def loading(self) -> bool:
@@ -151,6 +178,7 @@ class ChatScreen(Screen[None]):
         status = self.query_one(StatusLine)
         status.model_name = message.model.description.name
         status.backend = message.model.description.backend
+        status.device = self._device = message.device
         status.context_length = message.model.description.context_length
         status.tokens_per_second = None
         status.state = ""
@@ -162,8 +190,13 @@ class ChatScreen(Screen[None]):
         if message.serial != self._load_serial:
             return
         self._settled_serial = message.serial
-        self.query_one(StatusLine).state = "no model loaded"
-        self.notify(message.error, title="Could not load the model", severity="error", timeout=15, markup=False)
+        status = self.query_one(StatusLine)
+        if self.model is not None:  # the model open before stays open: the status line names it again
+            description = self.model.description
+            status.model_name, status.backend, status.device, status.state = description.name, description.backend, self._device, ""
+        else:
+            status.state = "no model loaded"
+        notify_error(self, message.error, title="Could not load the model")
 
     # Sending and streaming --------------------------------------------------------------------------------------
 
@@ -209,10 +242,8 @@ class ChatScreen(Screen[None]):
                     self.post_message(GenerationUpdate(TextPiece(pending)))
                     pending = ""
                 self.post_message(GenerationUpdate(event))
-        except PocketError as error:
-            self.post_message(GenerationFailed(str(error)))
-        except Exception as error:  # an engine failure must end up as a notification, not a dead worker
-            self.post_message(GenerationFailed(f"Generation failed: {error}"))
+        except Exception as error:  # noqa: BLE001 - an engine failure must end up as a notification, not a dead worker
+            self.post_message(GenerationFailed(as_pocket_error("Generation", error)))
 
     async def on_generation_update(self, message: GenerationUpdate) -> None:
         event = message.event
@@ -229,7 +260,7 @@ class ChatScreen(Screen[None]):
             await self._finish_reply(event)
 
     async def on_generation_failed(self, message: GenerationFailed) -> None:
-        self.notify(message.error, title="Generation failed", severity="error", timeout=15, markup=False)
+        notify_error(self, message.error, title="Generation failed")
         await self._finish_reply(None)
 
     async def _finish_reply(self, stats: GenerationStats | None) -> None:
@@ -304,11 +335,11 @@ class ChatScreen(Screen[None]):
         self.app.push_screen(ConfirmDialog(f"Delete the chat “{conversation.title or 'New chat'}”?", "Delete"), delete)
 
     def action_open_model(self) -> None:
-        def chosen(name: str | None) -> None:
-            if name:
-                self.begin_loading(name)
+        def chosen(picked: PickedModel | None) -> None:
+            if picked is not None and picked.name:
+                self.begin_loading(picked.name, picked.backend, chosen=True)
 
-        self.app.push_screen(ModelPicker(self.app.store.list()), chosen)
+        self.app.push_screen(ModelPicker(self.app.store.list(), self.app.backend), chosen)
 
     def action_settings(self) -> None:
         if self.conversation_id is None:

@@ -1,5 +1,5 @@
-"""The Convert screen: pick a model, a GGUF output type and a quantization (with the expected size and a note on
-quality), run it with progress and cancel, then open the result in Chat."""
+"""The Convert screen: pick a model and a target format (from the converter registry, with its size and quality
+note, or its install hint), set that target's own options, run it with progress and cancel, then open the result."""
 
 from __future__ import annotations
 
@@ -10,14 +10,17 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
 from textual.screen import Screen
-from textual.timer import Timer
-from textual.widgets import Button, Footer, Header, Label, OptionList, ProgressBar, Select
-from textual.widgets.option_list import Option
+from textual.widgets import Button, Footer, Header, Input, Label, OptionList, ProgressBar, Select, Static, Switch
 
-from pocketlm.converters.conversion_job import OUTTYPE_BYTES_PER_WEIGHT, outtype_for
-from pocketlm.converters.quant_types import QUANT_TYPES, UNQUANTIZED_TYPES, expected_size
+from pocketlm.app.messages import JobFinished, ProgressMessage
+from pocketlm.app.notify import as_pocket_error, notify_error
+from pocketlm.app.widgets.conversion_options import OPTION_WIDGETS, TargetOptions
+from pocketlm.app.worker_progress import ProgressRelay, new_job_id
+from pocketlm.converters.quant_types import UNQUANTIZED_TYPES
+from pocketlm.converters.registry import ConversionTarget, conversion_targets, refuse_unavailable, unavailable_error
 from pocketlm.models.errors import Cancelled, PocketError
 from pocketlm.models.fit import human_bytes
 from pocketlm.models.progress import ProgressUpdate
@@ -25,39 +28,55 @@ from pocketlm.models.store import LocalModel
 
 if TYPE_CHECKING:
     from pocketlm.app.pocket_app import PocketApp
-
-_NO_QUANT = "none"
+    from pocketlm.converters.base import ConvertOptions
 
 
 def convertible(model: LocalModel) -> bool:
-    return model.format == "safetensors" or (model.format == "gguf" and model.quantization in UNQUANTIZED_TYPES)
+    """Whether some registered converter takes `model` somewhere: to another format (a checkpoint to GGUF or GPTQ),
+    or through its own format's quantizer, which starts from unquantized weights (an f16 GGUF, not a Q4_K_M one)."""
+    from pocketlm.converters.registry import converter_classes, reachable_formats
+
+    if reachable_formats(model.format):
+        return True
+    quantizers = {c.target_format for c in converter_classes() if c.target_format in c.source_formats}
+    return model.format in quantizers and model.quantization in UNQUANTIZED_TYPES
 
 
 class ConvertScreen(Screen[None]):
-    BINDINGS = [Binding("escape", "back", "Back"), Binding("ctrl+x", "cancel", "Cancel")]
+    BINDINGS = [Binding("escape", "back_or_cancel", "Back / Cancel"), Binding("ctrl+x", "cancel", "Cancel")]
 
     app: PocketApp  # type: ignore[assignment]
 
     def __init__(self) -> None:
         super().__init__()
+        self._targets: dict[str, ConversionTarget] = {}
         self._cancel: threading.Event | None = None
-        self._latest: ProgressUpdate | None = None
-        self._timer: Timer | None = None
+        self._job: int | None = None
+        self.last_progress: ProgressUpdate | None = None  # the newest progress shown (tests read it)
         self.result: LocalModel | None = None
         self._select_on_mount: str | None = None
 
     def compose(self) -> ComposeResult:
+        # Read here, not at start-up: loading the converters imports numpy, which the app's first paint must not wait for.
+        self._targets = {t.format: t for t in conversion_targets()}
         yield Header()
-        with Vertical(id="convert-form"):
-            yield Label("Model (a safetensors checkpoint, or an f16/bf16/f32 GGUF to quantize)")
-            yield Select([], prompt="choose a model", id="convert-source")
-            yield Label("GGUF written from the checkpoint")
-            yield Select([("auto (bf16 for bf16 weights, else f16)", "auto")] + [(t, t) for t in ("f16", "bf16", "f32", "q8_0")],
-                         value="auto", allow_blank=False, id="convert-outtype")  # fmt: skip
-            yield Label("Quantization")
-            yield OptionList(id="convert-quant")
+        with VerticalScroll(id="convert-form"):  # a short terminal scrolls the form rather than cutting it
+            with Horizontal(classes="option-row"):
+                with Vertical():
+                    yield Label("Model (a checkpoint, or an unquantized GGUF)")
+                    yield Select([], prompt="choose a model", id="convert-source")
+                with Vertical():
+                    yield Label("Convert to")
+                    options = [(Text(t.label + ("" if t.available else "  (not installed)")), t.format) for t in self._targets.values()]
+                    yield Select(options, value="gguf" if "gguf" in self._targets else Select.NULL, allow_blank=not self._targets,
+                                 id="convert-target")  # fmt: skip
+            yield Static(id="convert-target-note")
+            for target_format in self._targets:
+                if widget := OPTION_WIDGETS.get(target_format):
+                    yield widget(id=f"{target_format}-options", classes="target-options")
             with Horizontal(classes="buttons"):
                 yield Button("Convert", variant="primary", id="convert-start")
+                yield Button("Cancel", variant="warning", id="convert-cancel")
                 yield Button("Open in chat", id="convert-open", disabled=True)
             yield Label("", id="convert-label", markup=False)  # shows model names and errors as written
             yield ProgressBar(id="convert-progress", show_eta=True)
@@ -65,7 +84,9 @@ class ConvertScreen(Screen[None]):
 
     def on_mount(self) -> None:
         self.query_one("#convert-progress").display = False
+        self.query_one("#convert-cancel").display = False
         self.refresh_sources(select=self._select_on_mount)
+        self._show_target()
 
     def choose_source(self, name: str) -> None:
         """Choose `name` as the model to convert; on a screen pushed for the first time, once its widgets exist."""
@@ -84,6 +105,8 @@ class ConvertScreen(Screen[None]):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         return self.running if action == "cancel" else True
 
+    # The form ---------------------------------------------------------------------------------------------------
+
     def refresh_sources(self, select: str | None = None) -> None:
         source = self.query_one("#convert-source", Select)
         current = select or (source.value if isinstance(source.value, str) else None)
@@ -92,100 +115,123 @@ class ConvertScreen(Screen[None]):
         source.set_options([(Text(f"{m.name}  ({m.format} {m.quantization})"), m.name) for m in models])
         if current in {m.name for m in models}:
             source.value = current
-        self._show_quants()
+        self._show_source()
 
     def source_model(self) -> LocalModel | None:
         value = self.query_one("#convert-source", Select).value
         return self.app.store.get(value) if isinstance(value, str) else None
 
-    @on(Select.Changed)
-    def _show_quants(self) -> None:
-        model = self.source_model()
-        outtype = str(self.query_one("#convert-outtype", Select).value)
-        self.query_one("#convert-outtype", Select).disabled = model is not None and model.format == "gguf"
-        quants = self.query_one("#convert-quant", OptionList)
-        highlighted = quants.highlighted
-        quants.clear_options()
-        parameters = model.parameter_count if model else 0
-        if model is None or model.format == "safetensors":
-            kept = outtype_for(model, outtype)
-            size = f"≈ {human_bytes(int(parameters * OUTTYPE_BYTES_PER_WEIGHT[kept]))}" if parameters else ""
-            quants.add_option(Option(f"none: keep {kept}  [dim]{size}[/dim]", id=_NO_QUANT))
-        for quant in QUANT_TYPES.values():
-            size = f"≈ {human_bytes(expected_size(parameters, quant))} · " if parameters else ""
-            quants.add_option(Option(f"{quant.name:<7} [dim]{size}{quant.quality}[/dim]", id=quant.name))
-        quants.highlighted = highlighted if highlighted is not None and highlighted < quants.option_count else self._default_index(quants)
+    @property
+    def target(self) -> ConversionTarget | None:
+        value = self.query_one("#convert-target", Select).value
+        return self._targets.get(value) if isinstance(value, str) else None
 
-    @staticmethod
-    def _default_index(quants: OptionList) -> int:
-        for index in range(quants.option_count):
-            if quants.get_option_at_index(index).id == "Q4_K_M":
-                return index
-        return 0
+    def target_options(self) -> TargetOptions | None:
+        target = self.target
+        found = self.query(f"#{target.format}-options") if target is not None else []
+        return found[0] if found and isinstance(found[0], TargetOptions) else None  # type: ignore[index]
+
+    @on(Select.Changed, "#convert-target")
+    def _show_target(self) -> None:
+        target = self.target
+        for options in self.query(TargetOptions):
+            options.display = target is not None and options.target_format == target.format
+        note = self.query_one("#convert-target-note", Static)
+        if target is None:
+            note.update("")
+        elif target.available:
+            note.update(Content(target.summary))
+        else:
+            missing = unavailable_error(target)  # the sentence `pocketlm convert --to` says too
+            note.update(Content.from_markup("$summary\n[b]$message[/b] $hint", summary=target.summary, message=missing.message, hint=missing.hint))
+        self._show_source()
+
+    @on(Select.Changed)
+    @on(Input.Changed, ".target-options Input")
+    @on(Switch.Changed)
+    def _show_source(self, event: object = None) -> None:
+        if isinstance(event, Select.Changed) and event.select.id == "convert-target":
+            return  # _show_target calls this once it has switched the panels
+        if (options := self.target_options()) is not None:
+            options.show_source(self.source_model())
+
+    # Running ----------------------------------------------------------------------------------------------------
 
     @on(Button.Pressed, "#convert-start")
     @on(OptionList.OptionSelected, "#convert-quant")
     def start(self) -> None:
-        from pocketlm.converters.base import ConvertOptions
-
+        from pocketlm.converters.base import ConversionError, ConvertOptions
+        from pocketlm.converters.conversion_job import plan_conversion
         if self.running:
             return
-        model = self.source_model()
-        quants = self.query_one("#convert-quant", OptionList)
-        if model is None or quants.highlighted is None:
-            self.notify("Choose a model and a quantization first.", severity="warning")
+        model, target, panel = self.source_model(), self.target, self.target_options()
+        if model is None or target is None:
+            self.notify("Choose a model and a format to convert it to first.", severity="warning")
             return
-        quant = quants.get_option_at_index(quants.highlighted).id
-        self._cancel = threading.Event()
-        options = ConvertOptions(outtype=str(self.query_one("#convert-outtype", Select).value),
-                                 quant=None if quant == _NO_QUANT else quant, cancel=self._cancel)  # fmt: skip
+        try:
+            refuse_unavailable(target)  # an uninstalled target is selectable, so that the button can say what to install
+            cancel = threading.Event()
+            options = ConvertOptions(settings=panel.settings() if panel is not None else None, cancel=cancel)
+            plan_conversion(self.app.store, model, target.format, options)  # refuses what it can before any work
+        except (PocketError, ValueError) as error:
+            problem = error if isinstance(error, PocketError) else ConversionError(str(error))
+            self.query_one("#convert-label", Label).update(str(problem))
+            notify_error(self, problem, title="Cannot convert")
+            return
+        self._cancel, self._job, self.last_progress = cancel, new_job_id(), None
         self.query_one("#convert-start", Button).disabled = True
         self.query_one("#convert-open", Button).disabled = True
+        self.query_one("#convert-cancel").display = True
         self.query_one("#convert-progress").display = True
         self.query_one("#convert-progress", ProgressBar).update(total=None, progress=0)
-        self._latest = None
-        self._timer = self.set_interval(0.1, self._show_progress)
+        self.query_one("#convert-label", Label).update(f"Converting {model.name} to {target.label}…")
         self.refresh_bindings()
-        self.convert(model, options)
+        self.convert(model, target.format, options, ProgressRelay(self, self._job))
 
     @work(thread=True, group="convert")
-    def convert(self, model: LocalModel, options: object) -> None:
+    def convert(self, model: LocalModel, target_format: str, options: ConvertOptions, relay: ProgressRelay) -> None:
         from pocketlm.converters.conversion_job import convert_model
 
-        def progress(update: ProgressUpdate) -> None:
-            self._latest = update
-
         try:
-            result = convert_model(self.app.store, model, options, progress)  # type: ignore[arg-type]
-        except Cancelled as error:
-            self.app.call_from_thread(self._finished, None, str(error), "warning")
-        except PocketError as error:
-            self.app.call_from_thread(self._finished, None, str(error), "error")
+            result = convert_model(self.app.store, model, target_format, options, relay)
         except Exception as error:  # noqa: BLE001 - a surprise in a worker becomes a notification, not a crash
-            message = f"The conversion failed unexpectedly: {type(error).__name__}: {str(error).rstrip('.')}. This is a bug in pocketlm; please report it."
-            self.app.call_from_thread(self._finished, None, message, "error")
+            relay.finish(error=as_pocket_error("The conversion", error))
         else:
-            self.app.call_from_thread(self._finished, result, f"{result.name} is ready ({human_bytes(result.size_bytes)}).", "information")
+            relay.finish(result=result)
 
-    def _show_progress(self) -> None:
-        if (update := self._latest) is not None:
-            self.query_one("#convert-label", Label).update(update.description)
-            self.query_one("#convert-progress", ProgressBar).update(total=update.total, progress=update.completed)
+    @on(ProgressMessage)
+    def _show_progress(self, message: ProgressMessage) -> None:
+        if message.job != self._job:  # a finished job's late message
+            return
+        self.last_progress = update = message.update
+        self.query_one("#convert-label", Label).update(update.description)
+        self.query_one("#convert-progress", ProgressBar).update(total=update.total, progress=update.completed)
 
-    def _finished(self, result: LocalModel | None, message: str, severity: str) -> None:
-        self._cancel = None
-        if self._timer is not None:
-            self._timer.stop()
+    @on(JobFinished)
+    def _finished(self, message: JobFinished) -> None:
+        if message.job != self._job:
+            return
+        self._cancel = self._job = None
         self.query_one("#convert-progress").display = False
+        self.query_one("#convert-cancel").display = False
         self.query_one("#convert-start", Button).disabled = False
-        self.query_one("#convert-label", Label).update(message)
+        self.refresh_bindings()
+        result = message.result if isinstance(message.result, LocalModel) else None
         self.result = result
         self.query_one("#convert-open", Button).disabled = result is None
-        self.refresh_bindings()
-        self.notify(message, severity=severity, timeout=10, markup=False)  # type: ignore[arg-type]
-        if result is not None:
-            self.refresh_sources()
-            self.query_one("#convert-open", Button).focus()
+        if message.error is not None or result is None:
+            error = message.error or PocketError("The conversion ended without a result.")
+            self.query_one("#convert-label", Label).update(str(error))
+            notify_error(self, error, title="Conversion cancelled" if isinstance(error, Cancelled) else "Conversion failed")
+            self.query_one("#convert-start", Button).focus()  # disabling it while running sent the focus elsewhere
+            return
+        text = f"{result.name} is ready ({human_bytes(result.size_bytes)})."
+        self.query_one("#convert-label", Label).update(text)
+        self.notify(text, timeout=10, markup=False)
+        self.refresh_sources()
+        if self.app.models_screen.is_mounted:
+            self.app.models_screen.refresh_local(select=result.name)
+        self.query_one("#convert-open", Button).focus()
 
     @on(Button.Pressed, "#convert-open")
     def open_in_chat(self) -> None:
@@ -193,6 +239,7 @@ class ConvertScreen(Screen[None]):
             self.app.pop_screen()
             self.app.chat_screen.begin_loading(self.result.name)
 
+    @on(Button.Pressed, "#convert-cancel")
     def action_cancel(self) -> None:
         if self._cancel is not None:
             self._cancel.set()
@@ -202,5 +249,9 @@ class ConvertScreen(Screen[None]):
         if self._cancel is not None:
             self._cancel.set()
 
-    def action_back(self) -> None:
-        self.app.pop_screen()
+    def action_back_or_cancel(self) -> None:
+        """Escape cancels a running conversion first; otherwise it goes back."""
+        if self.running:
+            self.action_cancel()
+        else:
+            self.app.pop_screen()

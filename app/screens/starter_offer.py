@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Label, ProgressBar
 
-from pocketlm.models.errors import PocketError
-from pocketlm.models.progress import ProgressUpdate
+from pocketlm.app.messages import JobFinished, ProgressMessage
+from pocketlm.app.notify import as_pocket_error, notify_error
+from pocketlm.app.worker_progress import ProgressRelay, new_job_id
 from pocketlm.models.starter import STARTER, install_starter
-from pocketlm.models.store import ModelStore
+from pocketlm.models.store import LocalModel, ModelStore
 
 
 class StarterOffer(ModalScreen[str | None]):
@@ -53,17 +54,25 @@ class StarterOffer(ModalScreen[str | None]):
         self.query_one("#progress").display = True
         self.fetch()
 
-    def _show_progress(self, update: ProgressUpdate) -> None:
-        self.query_one("#progress-label", Label).update(update.description)
-        self.query_one("#progress", ProgressBar).update(total=update.total, progress=update.completed)
+    @on(ProgressMessage)
+    def _show_progress(self, message: ProgressMessage) -> None:
+        self.query_one("#progress-label", Label).update(message.update.description)
+        self.query_one("#progress", ProgressBar).update(total=message.update.total, progress=message.update.completed)
 
     @work(thread=True, exclusive=True)
     def fetch(self) -> None:
+        relay = ProgressRelay(self, new_job_id())
         try:
-            model = install_starter(self._store, lambda update: self.app.call_from_thread(self._show_progress, update))
+            model = install_starter(self._store, relay)
         except Exception as error:  # noqa: BLE001 - a PocketError is its sentence; a surprise a notification, not a dead app
-            message = str(error) if isinstance(error, PocketError) else f"Fetching the starter model failed unexpectedly ({type(error).__name__}: {error})."
-            self.app.call_from_thread(self.notify, message, severity="error", timeout=15, markup=False)  # it may quote a path
-            self.app.call_from_thread(self.dismiss, None)
-            return
-        self.app.call_from_thread(self.dismiss, model.name)
+            relay.finish(error=as_pocket_error("Fetching the starter model", error))
+        else:
+            relay.finish(result=model)
+
+    @on(JobFinished)
+    def _finished(self, message: JobFinished) -> None:
+        if message.error is not None:
+            notify_error(self.app, message.error, title="No starter model")  # on the app: this dialog closes now
+            self.dismiss(None)
+        elif isinstance(message.result, LocalModel):
+            self.dismiss(message.result.name)

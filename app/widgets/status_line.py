@@ -1,4 +1,4 @@
-"""One line under the chat: model, backend, speed of the last reply and how full the context is."""
+"""One line under the chat: model, backend and device, speed of the last reply and how full the context is."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from textual.widgets import Static
 class StatusLine(Static):
     model_name: reactive[str] = reactive("no model")
     backend: reactive[str] = reactive("")
+    device: reactive[str] = reactive("")  # where the backend runs: "CPU, 2 physical cores", "CUDA: NVIDIA H200, 139.8 GiB"
     tokens_per_second: reactive[float | None] = reactive(None)
     context_used: reactive[int] = reactive(0)
     context_length: reactive[int] = reactive(0)
@@ -20,7 +21,9 @@ class StatusLine(Static):
     def render(self) -> str:
         parts = [self.model_name]
         if self.backend:
-            parts.append(self.backend)
+            # The device's kind and name only ("CPU", "CUDA: NVIDIA H200"): its size and core count are for the Models screen.
+            device = self.device.split(",")[0]
+            parts.append(f"{self.backend} on {device}" if device else self.backend)
         if self.tokens_per_second is not None:
             parts.append(f"{self.tokens_per_second:.1f} tokens/s")
         if self.context_length:

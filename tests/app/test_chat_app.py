@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-from textual.widgets import Input, ListView, ProgressBar
+from textual.widgets import Input, ListView
 
 from pocketlm.app.pocket_app import PocketApp
 from pocketlm.app.screens.chat import ChatScreen

@@ -37,7 +37,7 @@ async def test_convert_a_checkpoint_to_q4_k_m_and_chat_with_it(store_with_starte
         await pilot.click("#convert-start")
         assert screen.running and screen.query_one("#convert-progress", ProgressBar).display
         await wait_for(pilot, lambda: not screen.running, timeout=300)
-        last = screen._latest  # the newest progress the worker reported, as the screen's timer showed it
+        last = screen.last_progress  # the newest progress the worker reported, as the screen showed it
         assert last is not None and last.description.startswith("Quantizing") and last.completed == last.total == 272
         result = app.store.get("HuggingFaceTB/SmolLM2-135M-Instruct:Q4_K_M")
         assert result is not None and result.quantization == "Q4_K_M"

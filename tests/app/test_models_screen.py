@@ -3,6 +3,12 @@ delete with confirmation, open in Chat. The Hub is the loopback server; the clie
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
 from textual.widgets import DataTable, Input, OptionList, ProgressBar, Static
 
 from pocketlm.app.pocket_app import PocketApp
@@ -105,7 +111,8 @@ async def test_cancel_a_pull_then_resume_it(loopback_hub: LoopbackHub, store_wit
         await wait_for(pilot, lambda: (bar.progress or 0) >= 2**20)
         await pilot.press("ctrl+x")  # the server is sending nothing: the cancel must not wait for it
         await wait_for(pilot, lambda: not screen.pulling, timeout=10)
-        assert any("bytes are kept for next time. Pull it again to resume." in m for m in notifications(app))
+        # The sentence, then the hint on its own line (app/notify.py).
+        assert any("bytes are kept for next time.\nPull it again to resume." in m for m in notifications(app))
         assert app.store.get(f"{GGUF_REPO}:Q4_1") is None
 
         loopback_hub.release_stalls()
@@ -172,3 +179,33 @@ async def test_an_unreachable_hub_is_a_state_of_the_hub_tab_until_a_search_gets_
             assert displayed(table) == [GGUF_REPO]
     finally:
         closed.close()
+
+
+async def test_a_model_whose_files_cannot_be_deleted_is_a_notification_not_a_crash(model_store: ModelStore, tiny_llama: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(tiny_llama, tmp_path / "mine"))
+    model = model_store.add(replace(model_store.register(folder, source="import:x", name="owner/mine"), owned=True))
+    stuck = min(model.files)
+    # The immutable flag refuses deletion even to root (the tests may run as root, whom file modes do not stop).
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True).returncode != 0:
+        pytest.skip("this file system has no immutable flag (chattr +i)")
+    app = PocketApp()
+    try:
+        async with app.run_test(size=SIZE, notifications=True) as pilot:
+            screen = await open_models(pilot)
+            table = screen.query_one("#local-models", DataTable)
+            table.focus()
+            table.move_cursor(row=table.get_row_index("owner/mine"))
+            await wait_for(pilot, lambda: not app.chat_screen.loading)  # the app opened it at start-up...
+            app.chat_screen.close_model()  # ...and the model open in Chat cannot be deleted
+            await pilot.press("f8")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmDialog))
+            await pilot.click("#confirm")
+            await wait_for(pilot, lambda: any("could not delete" in m for m in notifications(app)), timeout=30)
+            assert app.is_running and app.screen is screen
+            (shown,) = [n for n in app._notifications if "could not delete" in n.message]
+            assert shown.severity == "error"
+            assert shown.message == (f"Removed owner/mine from the list but could not delete {stuck} (permission denied).\n"
+                                     "Check who owns it and its folder, then delete it yourself.")  # fmt: skip
+            assert displayed(table) == []  # the list shows what is left: the entry went first (models/removal.py)
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)

@@ -63,3 +63,22 @@ def test_models_screen_hub_search(snap_compare, store_with_starter: ModelStore, 
         await pilot.pause()
 
     assert snap_compare(PocketApp(load_options=LoadOptions(context_length=2048)), terminal_size=SIZE, run_before=search_the_hub)
+
+
+def test_convert_screen_gptq_options(snap_compare, store_with_starter: ModelStore, tiny_llama: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
+    from textual.widgets import Select
+
+    store_with_starter.register(tiny_llama, source=f"import:{tiny_llama}", name="owner/tiny")
+
+    async def choose_gptq(pilot) -> None:  # type: ignore[no-untyped-def]
+        await wait_for_model(pilot)
+        await pilot.press("f4")
+        while not pilot.app.screen.query("#convert-target"):
+            await pilot.pause(0.05)
+        pilot.app.screen.query_one("#convert-source", Select).value = "owner/tiny"
+        pilot.app.screen.query_one("#convert-target", Select).value = "gptq"
+        await pilot.pause()
+        pilot.app.screen.query_one("#gptq-group-size", Select).value = 32
+        await pilot.pause()
+
+    assert snap_compare(PocketApp(load_options=LoadOptions(context_length=2048)), terminal_size=SIZE, run_before=choose_gptq)

@@ -12,12 +12,12 @@ chat: $(BIN)/python
 
 # Install everything the tests need and run the whole suite.
 test: $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[llama,torch,test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[llama,gptq,test]'
 	$(BIN)/python -m pytest
 
 # The inner loop: everything but the tests that need the real starter model (marked slow), in under two minutes.
 test-fast: $(BIN)/python
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[llama,torch,test]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[llama,gptq,test]'
 	$(BIN)/python -m pytest -m "not slow"
 
 $(BIN)/python:

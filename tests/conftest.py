@@ -10,6 +10,7 @@ from pocketlm.backends.llamacpp import LlamaCppBackend
 from pocketlm.models.starter import STARTER
 from pocketlm.converters.base import ConvertOptions
 from pocketlm.converters.gguf_quantize import GGUFQuantizer
+from pocketlm.converters.gguf_settings import GGUFSettings
 from pocketlm.converters.hf_to_gguf import HfToGGUF
 from pocketlm.models.progress import ignore_progress
 from pocketlm.models.store import ModelStore
@@ -109,10 +110,31 @@ def starter_checkpoint() -> Path:
 @pytest.fixture(scope="session")
 def converted_f16(starter_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     destination = tmp_path_factory.mktemp("converted") / "SmolLM2-135M-Instruct-F16.gguf"
-    return HfToGGUF().convert(starter_checkpoint, destination, ConvertOptions(outtype="f16"), ignore_progress).path
+    return HfToGGUF().convert(starter_checkpoint, destination, ConvertOptions(settings=GGUFSettings(outtype="f16")), ignore_progress).path
 
 
 @pytest.fixture(scope="session")
 def quantized_q4_k_m(converted_f16: Path) -> Path:
     destination = converted_f16.with_name("SmolLM2-135M-Instruct-Q4_K_M.gguf")
-    return GGUFQuantizer().convert(converted_f16, destination, ConvertOptions(quant="Q4_K_M"), ignore_progress).path
+    return GGUFQuantizer().convert(converted_f16, destination, ConvertOptions(settings=GGUFSettings(quant="Q4_K_M")), ignore_progress).path
+
+
+@pytest.fixture(scope="session")
+def gptq_checkpoint(starter_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The starter checkpoint quantized by pocketlm's GPTQ (4-bit, group size 64, built-in calibration), once."""
+    from pocketlm.converters.gptq import GPTQConverter, GPTQSettings
+
+    destination = tmp_path_factory.mktemp("gptq") / "SmolLM2-135M-Instruct-GPTQ-4bit-g64"
+    options = ConvertOptions(settings=GPTQSettings(bits=4, group_size=64, damp_percent=0.05))
+    return GPTQConverter().convert(starter_checkpoint, destination, options, ignore_progress).path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random two-layer Llama (hidden 64, 4 heads, 2 KV heads) with a 600-token SentencePiece tokenizer, built once
+    in seconds and without the real starter model."""
+    from tests.converters.tiny_models import build_tiny_model, train_sentencepiece_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny")
+    tokenizer = train_sentencepiece_tokenizer(folder / "tokenizer")
+    return build_tiny_model("llama", folder / "llama", tokenizer, vocab_size=600)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from pocketlm.converters.mlx import DTYPES, RECIPES  # plain tuples: importing the module loads no mlx
 from pocketlm.converters.quant_types import QUANT_TYPES
 
 if TYPE_CHECKING:
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 QUANT_HELP = ", ".join(QUANT_TYPES)
 # Each format option: its flag as users type it, and the settings field it sets.
 _FORMAT_OPTIONS = {"outtype": "--outtype", "quant": "--quant", "imatrix": "--imatrix", "bits": "--bits",
-                   "group_size": "--group-size", "act_order": "--act-order/--no-act-order", "calibration": "--calibration"}  # fmt: skip
+                   "group_size": "--group-size", "act_order": "--act-order/--no-act-order", "calibration": "--calibration",
+                   "dtype": "--dtype", "recipe": "--recipe"}  # fmt: skip
 
 
 def _targets() -> list[ConversionTarget]:
@@ -64,17 +66,34 @@ def _target(target_format: str) -> ConversionTarget:
     return target
 
 
-def _settings(target: ConversionTarget, given: dict[str, object]) -> object:
-    """The target's settings from the options given; an option for another format is refused with a sentence."""
+def _settings(target: ConversionTarget, given: dict[str, object], no_quant: bool = False) -> object:
+    """The target's settings from the options given; an option for another format is refused with a sentence.
+    `no_quant` sets `bits` to None, for a target whose `bits` may be None (MLX's float weights)."""
+    from pocketlm.models.errors import PocketError
+
     accepted = {field.name for field in fields(target.settings_type)}
     wrong = [name for name, value in given.items() if value is not None and name not in accepted]
     if wrong:
-        from pocketlm.models.errors import PocketError
-
         own = ", ".join(flag for name, flag in _FORMAT_OPTIONS.items() if name in accepted) or "none"
+        if no_quant and _takes_no_bits(target):
+            own += ", --no-quant"
         raise PocketError(f"{', '.join(_FORMAT_OPTIONS[name].split('/')[0] for name in wrong)} does not apply to {target.label}.",
                           f"Its options are: {own}.")  # fmt: skip
-    return target.settings_type(**{name: value for name, value in given.items() if value is not None})
+    values = {name: value for name, value in given.items() if value is not None}
+    if no_quant:
+        if not _takes_no_bits(target):
+            raise PocketError(f"--no-quant does not apply to {target.label}.",
+                              "Leave out --quant for unquantized GGUF output; GPTQ always quantizes.")  # fmt: skip
+        if values.get("bits") is not None or values.get("recipe") is not None:
+            raise PocketError("--no-quant asks for float weights, and --bits or --recipe asks for quantized ones.", "Give one or the other.")
+        values["bits"] = None
+    return target.settings_type(**values)
+
+
+def _takes_no_bits(target: ConversionTarget) -> bool:
+    """Whether the target's `bits` field admits None (the annotation is a string under postponed evaluation)."""
+    bits = next((field for field in fields(target.settings_type) if field.name == "bits"), None)
+    return bits is not None and "None" in str(bits.type)
 
 
 def _source(store: ModelStore, query: str) -> LocalModel:
@@ -118,15 +137,19 @@ def _run(store: ModelStore, source: LocalModel, target_format: str, options: obj
               help="GGUF: the type written from the checkpoint; auto (the default) is bf16 for a bf16 checkpoint, else f16.")
 @click.option("--quant", help=f"GGUF: then quantize to this type: {QUANT_HELP}.")
 @click.option("--imatrix", metavar="TEXT|builtin|FILE.gguf", help="GGUF: importance matrix computed from a calibration text file (or pocketlm's built-in one), or read from llama-imatrix's output.")
-@click.option("--bits", type=int, help="GPTQ: bits per weight (default 4; 8 if the converter offers it).")
-@click.option("--group-size", type=click.Choice(["32", "64", "128", "-1"]), help="GPTQ: weights sharing one scale (default 128; -1: one per column).")
+@click.option("--bits", type=int, help="GPTQ and MLX: bits per weight (default 4; GPTQ also 8 if the converter offers it; MLX 2, 3, 4, 5, 6 or 8).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128", "-1"]), help="GPTQ and MLX: weights sharing one scale (default GPTQ 128, MLX 64; -1, GPTQ only: one per column).")
 @click.option("--act-order/--no-act-order", default=None, help="GPTQ: quantize columns by decreasing activation (desc_act; default off).")
 @click.option("--calibration", metavar="TEXT|builtin", help="GPTQ: calibration text file (default: pocketlm's built-in text).")
+@click.option("--dtype", type=click.Choice(DTYPES), help="MLX: the float type of unquantized weights, scales and biases (default float16), as mlx_lm.convert --dtype.")
+@click.option("--recipe", type=click.Choice(RECIPES), help="MLX: one of mlx-lm's mixed-bit recipes (mlx_lm.convert --quant-predicate), e.g. mixed_3_6: 6 bits for the sensitive layers, 3 for the rest; replaces --bits.")
+@click.option("--no-quant", is_flag=True, help="MLX: keep every weight in --dtype, unquantized (what mlx_lm.convert does without -q); MLX quantizes to 4 bits otherwise.")
 @click.option("--name", help="Store name of the result (default: MODEL's name with the output's type, e.g. NAME:Q4_K_M).")
 @click.option("--output", type=click.Path(path_type=Path), help="Write the result here (a file, or a folder for folder formats; a folder for a file output means inside it) instead of pocketlm's models folder. It is registered all the same.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for quantizing (default: physical cores).")
 def convert(model: str, target: str, outtype: str | None, quant: str | None, imatrix: str | None, bits: int | None, group_size: str | None,
-            act_order: bool | None, calibration: str | None, name: str | None, output: Path | None, threads: int | None) -> None:  # fmt: skip
+            act_order: bool | None, calibration: str | None, dtype: str | None, recipe: str | None, no_quant: bool, name: str | None,
+            output: Path | None, threads: int | None) -> None:  # fmt: skip
     """Convert MODEL (a Hugging Face checkpoint: a store name, a unique prefix, or its folder) to another format, and
     optionally quantize it; a GGUF can be quantized too.
 
@@ -138,8 +161,8 @@ def convert(model: str, target: str, outtype: str | None, quant: str | None, ima
 
     chosen = _target(target)
     given = {"outtype": outtype, "quant": quant, "imatrix": imatrix, "bits": bits, "group_size": None if group_size is None else int(group_size),
-             "act_order": act_order, "calibration": calibration}  # fmt: skip
-    settings = _settings(chosen, given)
+             "act_order": act_order, "calibration": calibration, "dtype": dtype, "recipe": recipe}  # fmt: skip
+    settings = _settings(chosen, given, no_quant)
     if quant:
         quant_type(quant)  # an unknown type fails before any work
     store = _store()

@@ -15,6 +15,8 @@ from pocketlm.app.interrupts import ctrl_c_sets, in_worker
 if TYPE_CHECKING:
     from pocketlm.models.store import ModelStore
 
+_LABEL_WIDTH = 16  # `info`'s widest usual label is 14 characters ("Context length")
+
 
 def _store() -> ModelStore:
     from pocketlm.models.locations import database_path
@@ -144,16 +146,20 @@ def info(model: str) -> None:
     MODEL is a name from `pocketlm ls`, a unique prefix of one, or a model file or folder path.
     """
 
-    from pocketlm.app.model_details import detail_rows
+    from pocketlm.app.model_details import detail_rows, device_of
     from pocketlm.models.fit import human_bytes
     from pocketlm.models.model_reference import find_model, is_registered
 
     store = _store()
     found = find_model(store, model)
-    rows = detail_rows(store, found)  # a GPTQ model's bits, group size and act-order come from there, once
+    # With the device: which backend opens it and where ("mlx on CPU (float32), 2 cores"); asking may import torch or
+    # mlx, which a command that prints once can afford (the app asks from a worker).
+    rows = detail_rows(store, found, device=device_of)  # a GPTQ model's bits, group size and act-order come from there, once
     if not is_registered(found):
         rows.append(("Store", "not in the store (`pocketlm import` adds it)"))
-    width = max(len(label) for label, _ in rows)
+    # Values line up after the usual labels; a longer one ("Opens by default with") runs past them rather than
+    # pushing every value to the right.
+    width = max(len(label) for label, _ in rows if len(label) <= _LABEL_WIDTH)
     for label, value in rows:
         click.echo(f"{label:<{width}}  {value}")
     click.echo("Files:")

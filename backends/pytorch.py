@@ -18,10 +18,12 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pocketlm.backends.base import ChatMessage, GenerationEvent, LoadOptions, ModelDescription, SamplingParams
-from pocketlm.backends.chat_template import ChatFormat
+from pocketlm.backends.base import LoadOptions, ModelDescription, SamplingParams
 from pocketlm.backends.gptq_runtime import prepare_gptq
-from pocketlm.backends.streaming import PromptTokenizer, ReplyEngine, TokenSteps, WindowDecoder, stream_reply
+from pocketlm.backends.hf_chat import HFTokenizerChat
+from pocketlm.backends.hf_tokenizer import HFChatTokens
+from pocketlm.backends.library_warnings import quiet_library_warnings
+from pocketlm.backends.streaming import ReplyEngine, TokenSteps, WindowDecoder
 from pocketlm.backends.threads import engine_threads
 from pocketlm.models.errors import ModelFileError, NotEnoughMemory, PocketError
 from pocketlm.models.fit import (
@@ -192,23 +194,8 @@ def _trained_context(config: dict[str, Any]) -> int:
     return value if isinstance(value, int) and value > 0 else 0
 
 
-def _quiet_library_warnings() -> None:
-    """Library chatter written to stderr while transformers loads (torchao's missing CUDA kernels, torch's pytree
-    deprecations, transformers' config and deprecation warnings) lands across the CLI's reply or the app's screen;
-    pocketlm says what matters itself. Process-wide levels, set once: pocketlm is these libraries' only user here."""
-    import logging as standard_logging
-    import warnings
-
-    for name in ("torchao", "torch.utils._pytree"):
-        standard_logging.getLogger(name).setLevel(standard_logging.ERROR)
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
-
-
 def _load(torch: Any, folder: Path, facts: ModelFacts, device: str, dtype: Any, trust: bool) -> tuple[Any, Any]:
-    _quiet_library_warnings()
+    quiet_library_warnings()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings: dict[str, Any] = {"dtype": dtype, "use_safetensors": True, "trust_remote_code": trust}
@@ -251,17 +238,6 @@ def _placement(device: str, dtype: str) -> str:
 
         return f"CUDA: {torch.cuda.get_device_name(device)}, {dtype}"
     return f"{device.upper()}, {dtype}"
-
-
-def _token_ids(*values: object) -> frozenset[int]:
-    """Every id in values that are an id, a list of ids, or None (generation_config.eos_token_id is any of them)."""
-    ids: set[int] = set()
-    for value in values:
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(item for item in value if isinstance(item, int))
-    return frozenset(ids)
 
 
 class TokenSampler:
@@ -313,33 +289,16 @@ class TokenSampler:
         return int(ids[int(torch.multinomial(probabilities, 1, generator=self._generator))])
 
 
-class TorchChatModel:
+class TorchChatModel(HFTokenizerChat):
     def __init__(self, model: Any, tokenizer: Any, facts: ModelFacts, name: str, device: str, dtype: str, context_length: int) -> None:
         self._model = model
-        self._tokenizer = tokenizer
         self._device = device
         self._lock = threading.Lock()
         # transformers 5 renamed forward's `past_key_values` to `cache`; checkpoints' own code may still use the old name.
         self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         generation_config = getattr(model, "generation_config", None)
-        self._end_ids = _token_ids(getattr(generation_config, "eos_token_id", None), model.config.eos_token_id, tokenizer.eos_token_id)
-        added = tokenizer.added_tokens_decoder  # id -> AddedToken: special ones are control tokens
-        controls = {token.content: token_id for token_id, token in added.items() if token.special}
-        controls.update({text: tokenizer.convert_tokens_to_ids(text) for text in tokenizer.all_special_tokens if text not in controls})
-        user_defined = {token.content: token_id for token_id, token in added.items() if not token.special}
-        template = tokenizer.chat_template
-        if isinstance(template, dict):  # several named templates: the default one is the chat template
-            template = template.get("default")
-        self._bos = tokenizer.bos_token or ""
-        self._format = ChatFormat(template, facts.architecture, self._bos, tokenizer.eos_token or "",
-                                  control_tokens=frozenset(controls), user_defined_tokens=frozenset(user_defined))  # fmt: skip
-        # Where the tokenizer puts a BOS token itself, the prompt gets one unless the template wrote it (as llama.cpp does).
-        probe = tokenizer.encode("a")
-        self._bos_id = probe[0] if tokenizer.bos_token_id is not None and probe and probe[0] == tokenizer.bos_token_id else None
-        control_ids = {**controls, **{text: user_defined[text] for text in self._format.markers}}
-        marker_ids = frozenset(user_defined[text] for text in self._format.markers)
-        self._prompt_tokenizer = PromptTokenizer(control_ids, marker_ids, self._format.control_pattern, self._tokenize_text)
-        self._engine = ReplyEngine(context_length, self._render, self._format.take_notice, self._decoding)
+        self._tokens = HFChatTokens(tokenizer, facts.architecture, (getattr(generation_config, "eos_token_id", None), model.config.eos_token_id))
+        self._engine = ReplyEngine(context_length, self._render, self._tokens.format.take_notice, self._decoding)
         self.description = ModelDescription(
             name=name,
             backend=TorchBackend.name,
@@ -347,37 +306,9 @@ class TorchChatModel:
             parameter_count=facts.parameter_count,
             quantization=facts.quantization if facts.format == ModelFormat.GPTQ else dtype,
             context_length=context_length,
-            warnings=(self._format.load_warning,) if self._format.load_warning else (),
+            warnings=(self._tokens.format.load_warning,) if self._tokens.format.load_warning else (),
             device=_placement(device, dtype),
         )
-
-    def _tokenize_text(self, text: str) -> list[int]:
-        """`text` as text: control-token strings in it are split like any other characters."""
-        return self._tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
-
-    def _render(self, messages: list[ChatMessage]) -> list[int]:
-        prompt = self._format.render(messages)
-        bos = [self._bos_id] if self._bos_id is not None and not prompt.text.startswith(self._bos) else []
-        if not prompt.escaped:  # no message holds a control token's text: the tokenizer parses the template's own
-            return bos + self._tokenizer.encode(prompt.text, add_special_tokens=False)
-        return bos + self._prompt_tokenizer.tokens(prompt)
-
-    def prompt_tokens(self, messages: list[ChatMessage]) -> int:
-        return len(self._render(messages))
-
-    def count_tokens(self, text: str) -> int:
-        return len(self._tokenize_text(text))
-
-    def _decode(self, tokens: list[int]) -> str:
-        return self._tokenizer.decode(tokens, skip_special_tokens=True)
-
-    def stream_chat(
-        self, messages: list[ChatMessage], sampling: SamplingParams, cancel: threading.Event | None = None
-    ) -> Iterator[GenerationEvent]:
-        with self._lock:
-            if self._model is None:
-                raise PocketError(f"{self.description.name} was closed, so it cannot reply any more.", "Load the model again.")
-            yield from stream_reply(self._engine, messages, sampling, cancel or threading.Event())
 
     @contextmanager
     def _decoding(self, prompt: list[int], sampling: SamplingParams) -> Iterator[TokenSteps]:
@@ -395,9 +326,9 @@ class TorchChatModel:
         sampler = TokenSampler(sampling, self._device)
         yield TokenSteps(
             next_token=lambda: sampler.sample(latest[0]),
-            is_end=self._end_ids.__contains__,
+            is_end=self._tokens.end_ids.__contains__,
             advance=advance,
-            text=WindowDecoder(self._decode),
+            text=WindowDecoder(self._tokens.decode),
         )
 
     def _forward(self, tokens: torch.Tensor, cache: Any) -> torch.Tensor:

@@ -175,13 +175,38 @@ def _inspect_folder(folder: Path) -> ModelFacts:
     mlx_quant = config.get("quantization") if isinstance(config.get("quantization"), dict) else None
     if mlx_quant or any(h.metadata.get("format") == "mlx" for h in headers):
         if mlx_quant:
-            bits = _whole(mlx_quant.get("bits"), 4)
-            params = _parameter_count(headers, bits, skip=(".scales", ".biases"))
-            quantization = f"{bits}-bit g{mlx_quant.get('group_size', 64)}"
+            params, quantization = _mlx_quantized(headers, mlx_quant)
         else:
             params, quantization = _parameter_count(headers), _dominant_dtype(headers)
         return ModelFacts(ModelFormat.MLX, architecture, params, quantization, context_length, files, _size(files))
     return ModelFacts(ModelFormat.SAFETENSORS, architecture, _parameter_count(headers), _dominant_dtype(headers), context_length, files, _size(files))
+
+
+def _mlx_quantized(headers: list[SafetensorsHeader], quantization: dict) -> tuple[int, str]:
+    """An MLX folder's parameter count and quantization ("4-bit g64", or "mixed 3/6-bit g64" for mlx-lm's mixed
+    recipes). A recipe writes the top-level bits and group size as defaults and one entry per layer it quantized
+    otherwise (`"model.layers.0.mlp.down_proj": {"bits": 6, "group_size": 64}`; False for a layer left float), so
+    each packed weight is unpacked at its own layer's bits."""
+    bits = _whole(quantization.get("bits"), 4)
+    group_size = _whole(quantization.get("group_size"), 64)
+    layers = {path: entry for path, entry in quantization.items() if isinstance(entry, dict)}
+    layer_bits = {path: _whole(entry.get("bits"), bits) for path, entry in layers.items()}
+    total = 0
+    for header in headers:
+        for tensor in header.tensors:
+            if tensor.name.endswith((".scales", ".biases")):
+                continue
+            if tensor.dtype in _PACKED_DTYPES:
+                total += tensor.element_count * 32 // layer_bits.get(tensor.name.rsplit(".", 1)[0], bits)
+            else:
+                total += tensor.element_count
+    # A recipe's layer entries name every quantized layer, so the top-level bits may be used by none of them.
+    used = sorted(set(layer_bits.values())) if layer_bits else [bits]
+    groups = {_whole(entry.get("group_size"), group_size) for entry in layers.values()} or {group_size}
+    group = f"g{group_size}" if len(groups) == 1 and group_size in groups else "g" + "/".join(str(g) for g in sorted(groups))
+    if len(used) == 1:
+        return total, f"{used[0]}-bit {group}"
+    return total, f"mixed {'/'.join(str(b) for b in used)}-bit {group}"
 
 
 def _inspect_adapter(folder: Path, names: list[str], weights: list[str]) -> ModelFacts:

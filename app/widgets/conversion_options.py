@@ -1,7 +1,8 @@
 """Each conversion target's own options on the Convert screen: a widget per target that builds its settings dataclass.
 
 GGUF: the type written from the checkpoint, a quantization (with expected size and a quality note) and an optional
-importance matrix. GPTQ: bits, group size, act-order and the calibration text. A target without a widget here
+importance matrix. GPTQ: bits, group size, act-order and the calibration text. MLX: bits (or float weights), group
+size, the float dtype and mlx-lm's mixed-bit recipes. A target without a widget here
 (a third-party converter) converts with its defaults.
 """
 
@@ -18,6 +19,7 @@ from textual.widgets.option_list import Option
 from pocketlm.converters.base import ConversionError
 from pocketlm.converters.calibration import BUILTIN
 from pocketlm.converters.gguf_settings import OUTTYPE_CHOICES, GGUFSettings
+from pocketlm.converters.mlx import DTYPES, GROUP_SIZES, RECIPES, MLXConverter, MLXSettings  # imports no mlx
 from pocketlm.converters.quant_types import QUANT_TYPES, expected_size
 from pocketlm.models.fit import human_bytes
 from pocketlm.models.store import LocalModel
@@ -137,4 +139,49 @@ class GPTQOptions(TargetOptions):
                             act_order=self.query_one("#gptq-act-order", Switch).value, calibration=calibration)  # fmt: skip
 
 
-OPTION_WIDGETS: dict[str, type[TargetOptions]] = {"gguf": GGUFOptions, "gptq": GPTQOptions}
+# The MLX panel's "no recipe" and "not quantized" choices (Select values cannot be None).
+NO_RECIPE = "none"
+UNQUANTIZED = 0
+
+
+class MLXOptions(TargetOptions):
+    target_format = "mlx"
+
+    def compose(self) -> ComposeResult:
+        defaults = MLXSettings()
+        # 2/3/5/6 bits are written too (the CLI takes them); the screen offers what mlx-lm users usually pick.
+        bits = [("4-bit", 4), ("8-bit", 8), ("unquantized (dtype only)", UNQUANTIZED)]
+        with Horizontal(classes="option-row"):
+            with Vertical():
+                yield Label("Bits")
+                yield Select(bits, value=defaults.bits or UNQUANTIZED, allow_blank=False, id="mlx-bits")
+            with Vertical():
+                yield Label("Group size")
+                yield Select([(str(g), g) for g in GROUP_SIZES], value=defaults.group_size, allow_blank=False, id="mlx-group-size")
+            with Vertical():
+                yield Label("Float dtype")
+                yield Select([(d, d) for d in DTYPES], value=defaults.dtype, allow_blank=False, id="mlx-dtype")
+            with Vertical():
+                yield Label("Mixed-bit recipe")
+                yield Select([("none", NO_RECIPE)] + [(r, r) for r in RECIPES], value=defaults.recipe or NO_RECIPE, allow_blank=False, id="mlx-recipe")
+        yield Static(id="mlx-size")
+
+    def show_source(self, model: LocalModel | None) -> None:
+        settings = self.settings()
+        # Group size means nothing to float weights; the recipe sets the bits itself.
+        self.query_one("#mlx-group-size", Select).disabled = not MLXConverter.quantizes(settings)
+        self.query_one("#mlx-bits", Select).disabled = settings.recipe is not None
+        size = self.query_one("#mlx-size", Static)
+        if model is None or not model.parameter_count:
+            size.update("")
+            return
+        size.update(f"Expected size ≈ {human_bytes(MLXConverter.expected_size(model.parameter_count, settings))}")
+
+    def settings(self) -> MLXSettings:
+        bits = int(self.query_one("#mlx-bits", Select).value)  # type: ignore[arg-type]
+        recipe = str(self.query_one("#mlx-recipe", Select).value)
+        return MLXSettings(bits=bits or None, group_size=int(self.query_one("#mlx-group-size", Select).value),  # type: ignore[arg-type]
+                           dtype=str(self.query_one("#mlx-dtype", Select).value), recipe=None if recipe == NO_RECIPE else recipe)  # fmt: skip
+
+
+OPTION_WIDGETS: dict[str, type[TargetOptions]] = {"gguf": GGUFOptions, "gptq": GPTQOptions, "mlx": MLXOptions}

@@ -6,28 +6,18 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pocketlm.backends.base import (
-    ChatMessage,
-    ContextTrimmed,
-    GenerationEvent,
-    GenerationStats,
-    LoadOptions,
-    SamplingParams,
-    TextPiece,
-)
+from pocketlm.backends.base import ChatMessage, ContextTrimmed, LoadOptions, SamplingParams
 from pocketlm.backends.pytorch import TorchBackend, TorchChatModel
 from pocketlm.models.errors import ModelFileError, NotEnoughMemory, PocketError
 from pocketlm.models.fit import checkpoint_kv_bytes_per_token
 from tests.converters.tiny_models import build_tiny_model, edit_config, rewrite_safetensors_header, train_sentencepiece_tokenizer
+from tests.backends.chat_model_contract import HELLO, ChatModelContract, fixed_length, reply
 from tests.fixtures import capital_question
-
-HELLO = [ChatMessage("user", "Hello there, tell me something.")]
 
 
 @pytest.fixture(scope="session")
@@ -50,58 +40,11 @@ def checkpoint_copy(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint"))
 
 
-def reply(events: list[GenerationEvent]) -> tuple[str, GenerationStats]:
-    assert isinstance(events[-1], GenerationStats), "the stream must end with its stats"
-    assert not any(isinstance(event, GenerationStats) for event in events[:-1])
-    return "".join(event.text for event in events if isinstance(event, TextPiece)), events[-1]
-
-
-def fixed_length(tokens: int, **settings: object) -> SamplingParams:
-    """A reply of exactly `tokens` tokens: the random model may sample its end token at any point."""
-    return SamplingParams(**{"temperature": 0, "max_tokens": tokens, "ignore_eos": True, **settings})  # type: ignore[arg-type]
-
-
-def test_a_reply_streams_text_pieces_then_its_stats(tiny_model: TorchChatModel) -> None:
-    events = list(tiny_model.stream_chat(HELLO, fixed_length(24)))
-    text, stats = reply(events)
-    assert len([e for e in events if isinstance(e, TextPiece)]) > 5, "a reply streams in pieces, not at once"
-    assert text
-    assert stats.generated_tokens == 24 and stats.stop_reason == "max_tokens"
-    assert stats.prompt_tokens == tiny_model.prompt_tokens(HELLO)
-    assert stats.time_to_first_token_s > 0 and stats.generation_s > 0 and stats.tokens_per_second > 0
-
-
 def test_the_description_says_torch_float32_and_the_loaded_context(tiny_model: TorchChatModel) -> None:
     description = tiny_model.description
     assert (description.backend, description.architecture, description.quantization) == ("torch", "llama", "float32")
     assert description.context_length == 256
     assert description.parameter_count > 0
-
-
-def test_a_stop_string_ends_the_reply_and_is_not_shown(tiny_model: TorchChatModel) -> None:
-    full, _ = reply(list(tiny_model.stream_chat(HELLO, fixed_length(40))))
-    middle = len(full) // 2
-    stop = full[middle : middle + 3]
-    assert stop.strip(), f"the random model's reply has too little text to pick a stop string from: {full!r}"
-    text, stats = reply(list(tiny_model.stream_chat(HELLO, fixed_length(40, stop=(stop,)))))
-    assert stats.stop_reason == "stop_string"
-    assert text == full[: full.find(stop)]
-
-
-def test_cancel_from_another_thread_ends_the_reply_within_a_token(tiny_model: TorchChatModel) -> None:
-    cancel = threading.Event()
-    stream = tiny_model.stream_chat(HELLO, fixed_length(200), cancel)
-    before = next(event for event in stream if isinstance(event, TextPiece))
-    setter = threading.Thread(target=cancel.set)
-    setter.start()
-    setter.join()
-    after = list(stream)
-    _, stats = reply([before, *after])
-    assert stats.stop_reason == "cancelled"
-    # The stream was paused at the token that made `before`: at most what that token left pending (a stop-string or
-    # UTF-8 tail) follows, and no token is sampled after the cancel.
-    assert len([e for e in after if isinstance(e, TextPiece)]) <= 1
-    assert stats.generated_tokens < 200
 
 
 def test_a_conversation_longer_than_the_context_drops_its_oldest_turns(tiny_checkpoint: Path) -> None:
@@ -119,30 +62,6 @@ def test_a_conversation_longer_than_the_context_drops_its_oldest_turns(tiny_chec
         assert stats.prompt_tokens + 8 <= 96 and stats.generated_tokens == 8
     finally:
         model.close()
-
-
-def test_greedy_decoding_is_deterministic_across_replies(tiny_model: TorchChatModel) -> None:
-    first, _ = reply(list(tiny_model.stream_chat(HELLO, fixed_length(24))))
-    reply(list(tiny_model.stream_chat([ChatMessage("user", "Something else entirely.")], fixed_length(8))))
-    second, _ = reply(list(tiny_model.stream_chat(HELLO, fixed_length(24))))
-    assert first == second and first
-
-
-def test_the_same_seed_samples_the_same_reply(tiny_model: TorchChatModel) -> None:
-    sampling = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=24, ignore_eos=True, seed=1234)
-    first, _ = reply(list(tiny_model.stream_chat(HELLO, sampling)))
-    second, _ = reply(list(tiny_model.stream_chat(HELLO, sampling)))
-    assert first == second
-
-
-@pytest.mark.parametrize("narrowing", [{"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}], ids=["top_k=1", "top_p~0", "min_p=1"])
-def test_sampling_narrowed_to_the_likeliest_token_is_greedy(tiny_model: TorchChatModel, narrowing: dict[str, float]) -> None:
-    # As in llama.cpp's chain: each filter keeps at least one token, the likeliest; at temperature 2 any other
-    # token left in would be drawn within 24 tokens of a random model's flat distribution.
-    greedy, _ = reply(list(tiny_model.stream_chat(HELLO, fixed_length(24))))
-    sampling = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, **narrowing}
-    narrowed, _ = reply(list(tiny_model.stream_chat(HELLO, fixed_length(24, temperature=2.0, seed=7, **sampling))))
-    assert narrowed == greedy
 
 
 def test_a_repeat_penalty_changes_a_greedy_reply_that_repeats(tiny_model: TorchChatModel) -> None:
@@ -372,3 +291,11 @@ def test_greedy_tokens_are_transformers_generate_tokens_up_to_a_near_tie(starter
         logits = output.logits[differing][0].float()
         gap = float(logits[generated[differing]] - logits[ours[differing]])
         assert gap <= 1e-2, f"token {differing}: ours {ours[differing]} is {gap:.3f} below generate's {generated[differing]}, not a tie"
+
+
+class TestTorchChatModel(ChatModelContract):
+    """The stream every backend owes (tests/backends/chat_model_contract.py), on the tiny model."""
+
+    @pytest.fixture
+    def chat_model(self, tiny_model: TorchChatModel) -> TorchChatModel:
+        return tiny_model

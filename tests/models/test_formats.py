@@ -71,3 +71,42 @@ def test_a_plain_checkpoint_has_no_gptq_facts(tmp_path: Path) -> None:
     from tests.models.test_model_reference import small_checkpoint
 
     assert read_gptq_facts(small_checkpoint(tmp_path / "float")) is None
+
+
+def mlx_folder(folder: Path, quantization: dict, tensors: dict[str, tuple[str, list[int]]]) -> Path:
+    """An MLX folder as mlx-lm saves one: `quantization` in config.json, packed uint32 weights beside scales/biases."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization": quantization}))
+    header, offset = {}, 0
+    for name, (dtype, shape) in tensors.items():
+        size = shape[0] * shape[1] * (4 if dtype == "U32" else 2)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "mlx"}
+    encoded = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + bytes(offset))
+    return folder
+
+
+# Two 64×64 linear layers packed as mlx-lm writes them: 64 columns at b bits are 64·b/32 uint32 words per row.
+def _packed(bits: int) -> tuple[str, list[int]]:
+    return ("U32", [64, 64 * bits // 32])
+
+
+def test_an_mlx_folder_says_its_bits_and_group_size(tmp_path: Path) -> None:
+    tensors = {"model.layers.0.mlp.down_proj.weight": _packed(4), "model.layers.0.mlp.down_proj.scales": ("F16", [64, 2]),
+               "model.layers.0.mlp.down_proj.biases": ("F16", [64, 2])}  # fmt: skip
+    facts = inspect_model(mlx_folder(tmp_path / "m", {"group_size": 32, "bits": 4, "mode": "affine"}, tensors))
+    assert (facts.format, facts.quantization, facts.parameter_count) == (ModelFormat.MLX, "4-bit g32", 64 * 64)
+
+
+def test_an_mlx_folder_made_with_a_mixed_recipe_says_mixed_and_the_bits_it_uses(tmp_path: Path) -> None:
+    # mlx-lm's mixed_3_6: the top-level bits (4) are only a default, every quantized layer has its own entry.
+    quantization = {"group_size": 64, "bits": 4, "mode": "affine",
+                    "model.layers.0.mlp.down_proj": {"group_size": 64, "bits": 6, "mode": "affine"},
+                    "model.layers.0.mlp.up_proj": {"group_size": 64, "bits": 3, "mode": "affine"}}  # fmt: skip
+    tensors = {"model.layers.0.mlp.down_proj.weight": _packed(6), "model.layers.0.mlp.up_proj.weight": _packed(3),
+               "model.layers.0.mlp.up_proj.scales": ("F16", [64, 1])}  # fmt: skip
+    facts = inspect_model(mlx_folder(tmp_path / "m", quantization, tensors))
+    assert facts.format == ModelFormat.MLX and facts.quantization == "mixed 3/6-bit g64"
+    assert facts.parameter_count == 2 * 64 * 64  # each layer unpacked at its own bits, not the top-level 4

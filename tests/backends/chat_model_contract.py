@@ -1,13 +1,15 @@
 """What every ChatModel must do, whatever its engine: a class of tests each backend's test file subclasses with a
-`chat_model` fixture (a tiny random model on that engine), so a new backend is held to the same stream."""
+`chat_model` fixture (a tiny random model on that engine) and a `load_with_context` fixture (loads that tiny model
+with a given context length), so a new backend is held to the same stream."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 
-from pocketlm.backends.base import ChatMessage, ChatModel, GenerationEvent, GenerationStats, SamplingParams, TextPiece
+from pocketlm.backends.base import ChatMessage, ChatModel, ContextTrimmed, GenerationEvent, GenerationStats, SamplingParams, TextPiece
 
 HELLO = [ChatMessage("user", "Hello there, tell me something.")]
 
@@ -24,7 +26,7 @@ def fixed_length(tokens: int, **settings: object) -> SamplingParams:
 
 
 class ChatModelContract:
-    """Subclass as `Test<Engine>ChatModel` and provide a `chat_model` fixture."""
+    """Subclass as `Test<Engine>ChatModel` and provide the `chat_model` and `load_with_context` fixtures."""
 
     def test_a_reply_streams_text_pieces_then_its_stats(self, chat_model: ChatModel) -> None:
         events = list(chat_model.stream_chat(HELLO, fixed_length(24)))
@@ -79,3 +81,19 @@ class ChatModelContract:
         sampling = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, **narrowing}
         narrowed, _ = reply(list(chat_model.stream_chat(HELLO, fixed_length(24, temperature=2.0, seed=7, **sampling))))
         assert narrowed == greedy
+
+    def test_a_conversation_longer_than_the_context_drops_its_oldest_turns(self, load_with_context: Callable[[int], ChatModel]) -> None:
+        model = load_with_context(96)
+        try:
+            turns = []
+            for index in range(8):
+                turns += [ChatMessage("user", f"Question {index}: the quick brown fox jumps over the lazy dog."),
+                          ChatMessage("assistant", "Pack my box with five dozen liquor jugs.")]  # fmt: skip
+            events = list(model.stream_chat([*turns, ChatMessage("user", "And now?")], fixed_length(8)))
+            trimmed = [event for event in events if isinstance(event, ContextTrimmed)]
+            _, stats = reply(events)
+            assert trimmed and trimmed[0] is events[0], "the trim is told before any text"
+            assert trimmed[0].dropped_messages > 0 and trimmed[0].context_length == 96
+            assert stats.prompt_tokens + 8 <= 96 and stats.generated_tokens == 8
+        finally:
+            model.close()

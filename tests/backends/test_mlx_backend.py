@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,6 @@ pytest.importorskip("mlx_lm")
 from pocketlm.backends.base import (  # noqa: E402
     ChatMessage,
     ChatModel,
-    ContextTrimmed,
     GenerationStats,
     LoadOptions,
     SamplingParams,
@@ -89,23 +88,6 @@ def test_a_reply_streams_in_a_thread_other_than_the_one_that_loaded(tiny_model: 
     worker.start()
     worker.join()
     assert results and results[0].generated_tokens == 8
-
-
-def test_a_conversation_longer_than_the_context_drops_its_oldest_turns(tiny_checkpoint: Path) -> None:
-    model = MLXBackend().load(tiny_checkpoint, LoadOptions(context_length=96))
-    try:
-        turns = []
-        for index in range(8):
-            turns += [ChatMessage("user", f"Question {index}: the quick brown fox jumps over the lazy dog."),
-                      ChatMessage("assistant", "Pack my box with five dozen liquor jugs.")]  # fmt: skip
-        events = list(model.stream_chat([*turns, ChatMessage("user", "And now?")], fixed_length(8)))
-        trimmed = [event for event in events if isinstance(event, ContextTrimmed)]
-        _, stats = reply(events)
-        assert trimmed and trimmed[0] is events[0], "the trim is told before any text"
-        assert trimmed[0].dropped_messages > 0 and trimmed[0].context_length == 96
-        assert stats.prompt_tokens + 8 <= 96 and stats.generated_tokens == 8
-    finally:
-        model.close()
 
 
 def test_a_repeat_penalty_keeps_greedy_sampling_off_the_recent_tokens() -> None:
@@ -272,3 +254,7 @@ class TestMLXChatModel(ChatModelContract):
     @pytest.fixture
     def chat_model(self, tiny_model: MLXChatModel) -> MLXChatModel:
         return tiny_model
+
+    @pytest.fixture
+    def load_with_context(self, tiny_checkpoint: Path) -> Callable[[int], ChatModel]:
+        return lambda context_length: MLXBackend().load(tiny_checkpoint, LoadOptions(context_length=context_length))

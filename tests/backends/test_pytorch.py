@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from pocketlm.backends.base import ChatMessage, ContextTrimmed, LoadOptions, SamplingParams
+from pocketlm.backends.base import ChatMessage, ChatModel, LoadOptions, SamplingParams
 from pocketlm.backends.pytorch import TorchBackend, TorchChatModel
 from pocketlm.models.errors import ModelFileError, NotEnoughMemory, PocketError
 from pocketlm.models.fit import checkpoint_kv_bytes_per_token
@@ -45,23 +45,6 @@ def test_the_description_says_torch_float32_and_the_loaded_context(tiny_model: T
     assert (description.backend, description.architecture, description.quantization) == ("torch", "llama", "float32")
     assert description.context_length == 256
     assert description.parameter_count > 0
-
-
-def test_a_conversation_longer_than_the_context_drops_its_oldest_turns(tiny_checkpoint: Path) -> None:
-    model = TorchBackend().load(tiny_checkpoint, LoadOptions(context_length=96))
-    try:
-        turns = []
-        for index in range(8):
-            turns += [ChatMessage("user", f"Question {index}: the quick brown fox jumps over the lazy dog."),
-                      ChatMessage("assistant", "Pack my box with five dozen liquor jugs.")]  # fmt: skip
-        events = list(model.stream_chat([*turns, ChatMessage("user", "And now?")], fixed_length(8)))
-        trimmed = [event for event in events if isinstance(event, ContextTrimmed)]
-        _, stats = reply(events)
-        assert trimmed and trimmed[0] is events[0], "the trim is told before any text"
-        assert trimmed[0].dropped_messages > 0 and trimmed[0].context_length == 96
-        assert stats.prompt_tokens + 8 <= 96 and stats.generated_tokens == 8
-    finally:
-        model.close()
 
 
 def test_a_repeat_penalty_changes_a_greedy_reply_that_repeats(tiny_model: TorchChatModel) -> None:
@@ -299,3 +282,7 @@ class TestTorchChatModel(ChatModelContract):
     @pytest.fixture
     def chat_model(self, tiny_model: TorchChatModel) -> TorchChatModel:
         return tiny_model
+
+    @pytest.fixture
+    def load_with_context(self, tiny_checkpoint: Path) -> Callable[[int], ChatModel]:
+        return lambda context_length: TorchBackend().load(tiny_checkpoint, LoadOptions(context_length=context_length))

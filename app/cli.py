@@ -68,9 +68,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
     With no command, opens the terminal app.
     """
     if not debug:
-        from pocketlm.app.library_noise import quiet_library_chatter
+        from pocketlm.backends.library_warnings import quiet_library_warnings
 
-        quiet_library_chatter()
+        quiet_library_warnings()
     if ctx.invoked_subcommand is None:
         from pocketlm.app.pocket_app import PocketApp
 

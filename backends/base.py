@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 Role = Literal["system", "user", "assistant"]
+# How many of the latest tokens SamplingParams.repeat_penalty weighs on, in every backend: llama.cpp's default window.
+REPEAT_PENALTY_WINDOW = 64
 StopReason = Literal["end_of_generation", "stop_string", "max_tokens", "context_full", "cancelled"]
 
 

@@ -11,14 +11,12 @@ from typing import TYPE_CHECKING
 
 import llama_cpp
 
-from pocketlm.backends.base import SamplingParams
+from pocketlm.backends.base import REPEAT_PENALTY_WINDOW, SamplingParams
 from pocketlm.models.errors import PocketError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
-# llama.cpp's default window for the repetition penalty.
-_PENALTY_WINDOW = 64
 
 
 class Sampler:
@@ -31,7 +29,7 @@ class Sampler:
             # The vocabulary size comes first in the bundled llama.cpp's prototype (llama.h). Called without it, as an
             # earlier version of this file did, the window was read from whatever the register held: the penalty
             # came and went with the machine's state.
-            stages.append(llama_cpp.llama_sampler_init_penalties(n_vocab, _PENALTY_WINDOW, sampling.repeat_penalty, 0.0, 0.0))
+            stages.append(llama_cpp.llama_sampler_init_penalties(n_vocab, REPEAT_PENALTY_WINDOW, sampling.repeat_penalty, 0.0, 0.0))
         if sampling.temperature <= 0:
             stages.append(llama_cpp.llama_sampler_init_greedy())
         else:

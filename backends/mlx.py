@@ -18,7 +18,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pocketlm.backends.base import LoadOptions, ModelDescription, SamplingParams
+from pocketlm.backends.base import REPEAT_PENALTY_WINDOW, LoadOptions, ModelDescription, SamplingParams
 from pocketlm.backends.hf_chat import HFTokenizerChat
 from pocketlm.backends.hf_tokenizer import HFChatTokens, generation_config_end_ids
 from pocketlm.backends.library_warnings import quiet_library_warnings
@@ -31,8 +31,6 @@ if TYPE_CHECKING:
     import mlx.core as mx
 
 INSTALL_HINT = "Install it with: pip install 'pocketlm[mlx]'"
-# llama.cpp's default window for the repetition penalty.
-_PENALTY_WINDOW = 64
 # mlx-lm's own prefill chunk (generate_step's prefill_step_size): bounds the prompt's activations.
 _PREFILL_CHUNK = 2048
 
@@ -221,7 +219,7 @@ class TokenSampler:
             logits[ids] = mx.where(values > 0, values / sampling.repeat_penalty, values * sampling.repeat_penalty)
         token = mx.argmax(logits) if sampling.temperature <= 0 else self._draw(logits)
         if sampling.repeat_penalty != 1.0:
-            self._recent = [*self._recent[-(_PENALTY_WINDOW - 1) :], token.reshape(1)]
+            self._recent = [*self._recent[-(REPEAT_PENALTY_WINDOW - 1) :], token.reshape(1)]
         return token
 
     def _draw(self, logits: mx.array) -> mx.array:

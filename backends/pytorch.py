@@ -18,7 +18,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pocketlm.backends.base import LoadOptions, ModelDescription, SamplingParams
+from pocketlm.backends.base import REPEAT_PENALTY_WINDOW, LoadOptions, ModelDescription, SamplingParams
 from pocketlm.backends.gptq_runtime import prepare_gptq
 from pocketlm.backends.hf_chat import HFTokenizerChat
 from pocketlm.backends.hf_tokenizer import HFChatTokens
@@ -41,8 +41,6 @@ if TYPE_CHECKING:
     import torch
 
 TRUST_REMOTE_CODE_OPTION = "--trust-remote-code"
-# llama.cpp's default window for the repetition penalty.
-_PENALTY_WINDOW = 64
 
 
 def _install_hint() -> str:
@@ -251,7 +249,7 @@ class TokenSampler:
         import torch
 
         self._sampling = sampling
-        self._recent: deque[int] = deque(maxlen=_PENALTY_WINDOW)
+        self._recent: deque[int] = deque(maxlen=REPEAT_PENALTY_WINDOW)
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
         self._generator = torch.Generator(device=device).manual_seed(seed)
 

@@ -20,11 +20,17 @@ def backend_classes() -> tuple[type[Backend], ...]:
     return tuple(sorted(found, key=lambda backend: backend.name))
 
 
+def loaders_for(model_format: str, known: tuple[type[Backend], ...] | None = None) -> list[type[Backend]]:
+    """The backends that load `model_format`, installed or not, the default first: lowest priority, ties by name."""
+    known = backend_classes() if known is None else known
+    return sorted((b for b in known if model_format in b.formats), key=lambda b: (b.priority(model_format), b.name))
+
+
 def backend_for(model_format: str, preferred: str | None = None, known: tuple[type[Backend], ...] | None = None) -> Backend:
     """An instance of the backend that runs `model_format`: `preferred` if named, else the installed one of lowest
     priority for the format (ties by name). `known` replaces the registered backends (for tests)."""
     known = backend_classes() if known is None else known
-    loaders = sorted((b for b in known if model_format in b.formats), key=lambda b: (b.priority(model_format), b.name))
+    loaders = loaders_for(model_format, known)
     if preferred is not None:
         return _preferred(model_format, preferred, known, loaders)
     for backend in loaders:

@@ -34,10 +34,9 @@ class BackendChoice:
 def backends_for(model_format: str) -> list[BackendChoice]:
     """The registered backends that load `model_format`, the default (lowest priority) first; an uninstalled one is
     listed too, so the user learns what to install."""
-    from pocketlm.backends.registry import backend_classes
+    from pocketlm.backends.registry import loaders_for
 
-    loaders = sorted((b for b in backend_classes() if model_format in b.formats), key=lambda b: (b.priority(model_format), b.name))
-    return [BackendChoice(b.name, b.is_available(), b.install_hint) for b in loaders]
+    return [BackendChoice(b.name, b.is_available(), b.install_hint) for b in loaders_for(model_format)]
 
 
 class ModelPicker(ModalScreen[PickedModel | None]):

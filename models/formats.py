@@ -9,8 +9,10 @@ from enum import StrEnum
 from pathlib import Path
 
 from pocketlm.models.errors import ModelFileError
-from pocketlm.models.gguf_info import read_gguf
+from pocketlm.models.gguf_info import read_gguf, read_gguf_header, read_gguf_type
 from pocketlm.models.gguf_quants import SPLIT_PART
+from pocketlm.models.mlx_adapter import is_mlx_adapter_config, read_mlx_adapter
+from pocketlm.models.peft_adapter import read_peft_adapter
 from pocketlm.models.safetensors_header import SafetensorsHeader, read_safetensors_header
 
 
@@ -19,8 +21,14 @@ class ModelFormat(StrEnum):
     SAFETENSORS = "safetensors"  # a Hugging Face checkpoint
     GPTQ = "gptq"
     MLX = "mlx"
-    LORA = "lora"  # an adapter (PEFT or mlx-lm), applied on top of a base model
     PYTORCH = "pytorch"  # a Hugging Face checkpoint with pickle weights, only ever pulled with --allow-pickle
+    # LoRA adapters, applied on top of a base model, never chatted with alone; each backend takes one of them.
+    PEFT_LORA = "peft-lora"  # PEFT's adapter_config.json + adapter_model.safetensors
+    GGUF_LORA = "gguf-lora"  # a GGUF with general.type "adapter" (llama.cpp)
+    MLX_LORA = "mlx-lora"  # mlx-lm's adapter_config.json + adapters.safetensors
+
+
+ADAPTER_FORMATS = frozenset({ModelFormat.PEFT_LORA, ModelFormat.GGUF_LORA, ModelFormat.MLX_LORA})
 
 
 # The files a checkpoint folder needs for inference and conversion (weights aside).
@@ -77,6 +85,23 @@ def read_gptq_facts(folder: Path) -> GPTQFacts | None:
     return GPTQFacts(_whole(quant_config.get("bits"), 4), group_size, quant_config.get("desc_act") is True)
 
 
+def adapter_format(path: Path) -> ModelFormat | None:
+    """The adapter format of the file or folder at `path` — GGUF_LORA, MLX_LORA or PEFT_LORA — or None when it is no
+    adapter (a model, or nothing at all). Cheap: a GGUF's metadata up to general.type, or a folder's
+    adapter_config.json; the adapter is not checked (read_peft_adapter / read_mlx_adapter refuse a damaged one)."""
+    path = Path(path)
+    if path.is_file():
+        return ModelFormat.GGUF_LORA if read_gguf_type(path) == "adapter" else None
+    config_path = path / "adapter_config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        config = None  # damaged: PEFT's reader says so, in its sentence
+    return ModelFormat.MLX_LORA if isinstance(config, dict) and is_mlx_adapter_config(config) else ModelFormat.PEFT_LORA
+
+
 def checkpoint_weight_files(names: list[str]) -> list[str]:
     """The safetensors weights among a folder's top-level file names.
 
@@ -102,9 +127,10 @@ def _inspect_gguf(path: Path) -> ModelFacts:
     parts = _split_parts(path)
     summaries = [read_gguf(part) for part in parts]
     first = summaries[0]
+    if first.kind == "adapter":
+        return _inspect_gguf_adapter(path)
     return ModelFacts(
-        # A LoRA adapter in GGUF (llama.cpp's convert_lora_to_gguf) is applied on top of a model, never chatted with.
-        format=ModelFormat.LORA if first.kind == "adapter" else ModelFormat.GGUF,
+        format=ModelFormat.GGUF,
         architecture=first.architecture,
         parameter_count=sum(s.parameter_count for s in summaries),
         quantization=first.quantization,
@@ -150,7 +176,7 @@ def _inspect_folder(folder: Path) -> ModelFacts:
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     weights = checkpoint_weight_files(names)
     if "adapter_config.json" in names:
-        return _inspect_adapter(folder, names, weights)
+        return _inspect_adapter(folder)
     if "config.json" not in names:
         raise ModelFileError(
             f"{folder} has no config.json, so it is not a Hugging Face model folder.",
@@ -209,16 +235,38 @@ def _mlx_quantized(headers: list[SafetensorsHeader], quantization: dict) -> tupl
     return total, f"mixed {'/'.join(str(b) for b in used)}-bit {group}"
 
 
-def _inspect_adapter(folder: Path, names: list[str], weights: list[str]) -> ModelFacts:
+def _inspect_adapter(folder: Path) -> ModelFacts:
+    """A PEFT or mlx-lm adapter folder, read (and refused) as the backends will read it."""
     config = _read_json(folder / "adapter_config.json")
-    if not weights:
-        raise ModelFileError(f"{folder} has an adapter_config.json but no adapter weights (*.safetensors).", "Copy the adapter's weights too.")
-    headers = [read_safetensors_header(folder / n) for n in weights]
-    rank = config.get("r") or (config.get("lora_parameters") or {}).get("rank")
-    base = str(config.get("base_model_name_or_path") or config.get("model") or "")
-    files = tuple([folder / "adapter_config.json"] + [folder / n for n in weights])
-    return ModelFacts(ModelFormat.LORA, str(config.get("peft_type", "LORA")).lower(), _parameter_count(headers),
-                      f"rank {rank}" if rank else "", 0, files, _size(files), base_model=base)  # fmt: skip
+    if is_mlx_adapter_config(config):
+        mlx = read_mlx_adapter(folder)
+        files = (folder / "adapter_config.json", mlx.weights)
+        ranks = {m.rank for m in mlx.modules}
+        return ModelFacts(ModelFormat.MLX_LORA, "lora", mlx.parameter_count, _ranks(ranks), 0, files, _size(files), base_model=mlx.base_model)
+    peft = read_peft_adapter(folder)
+    files = (folder / "adapter_config.json", peft.weights)
+    quantization = _ranks({m.rank for m in peft.modules}) + (", rsLoRA" if peft.use_rslora else "")
+    return ModelFacts(ModelFormat.PEFT_LORA, "lora", peft.parameter_count, quantization, 0, files, _size(files), base_model=peft.base_model)
+
+
+def _inspect_gguf_adapter(path: Path) -> ModelFacts:
+    """A GGUF LoRA (llama.cpp's convert_lora_to_gguf, or pocketlm's converter): its architecture is its base's."""
+    header = read_gguf_header(path)
+    # ggml lists a tensor's row length first: lora_a is (in, rank) there, lora_b (rank, out).
+    ranks = {t.shape[1] for t in header.tensors if t.name.endswith(".lora_a") and len(t.shape) == 2}
+    metadata = header.metadata
+    base = str(metadata.get("general.base_model.0.repo_url") or "").removeprefix("https://huggingface.co/").strip("/")
+    base = base or str(metadata.get("general.base_model.0.name") or "")
+    size = path.stat().st_size
+    return ModelFacts(ModelFormat.GGUF_LORA, header.architecture, sum(t.n_elements for t in header.tensors), _ranks(ranks), 0,
+                      (path,), size, base_model=base, location=path)  # fmt: skip
+
+
+def _ranks(ranks: set[int]) -> str:
+    """"rank 8"; "ranks 2-4" for an adapter whose rank_pattern gives some modules another rank."""
+    if not ranks:
+        return ""
+    return f"rank {min(ranks)}" if len(ranks) == 1 else f"ranks {min(ranks)}-{max(ranks)}"
 
 
 def _parameter_count(headers: list[SafetensorsHeader], packed_bits: int = 0, skip: tuple[str, ...] = ()) -> int:

@@ -8,8 +8,12 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pocketlm.models.errors import ModelFileError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # Real headers are a few MB at most (a tensor name and offsets per tensor); anything larger is damage, not a model.
 _MAX_HEADER_BYTES = 100 * 2**20
@@ -99,3 +103,20 @@ def _entry(path: Path, name: str, entry: object, data_start: int, data_size: int
             _REDOWNLOAD,
         )
     return TensorEntry(name, dtype, tuple(shape), data_start + start, end - start)
+
+
+def read_float_tensor(path: Path, entry: TensorEntry) -> np.ndarray:
+    """The F32, F16 or BF16 tensor `entry` of `path` as float32, through a memory map (only its own bytes are read).
+    numpy has no bfloat16, so BF16 is widened by shifting its bits into a float32's upper half."""
+    import numpy as np
+
+    raw = np.memmap(path, mode="r", dtype=np.uint8, offset=entry.offset, shape=(entry.size,))
+    if entry.dtype == "F32":
+        data = raw.view(np.float32)
+    elif entry.dtype == "F16":
+        data = raw.view(np.float16).astype(np.float32)
+    elif entry.dtype == "BF16":
+        data = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        raise ModelFileError(f"Tensor {entry.name} in {path.name} is {entry.dtype}; only F32, F16 and BF16 tensors are read as floats.")
+    return data.reshape(entry.shape)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pocketlm.models.database import connect, migrate
-from pocketlm.models.errors import ModelNotFound
-from pocketlm.models.formats import ModelFacts, inspect_model
+from pocketlm.models.errors import ModelNotFound, PocketError
+from pocketlm.models.formats import ADAPTER_FORMATS, ModelFacts, inspect_model
 from pocketlm.models.leftovers import sweep_leftovers
 
 _MIGRATIONS = [
@@ -42,10 +43,23 @@ _MIGRATIONS = [
     # 3: whether pocketlm created the model's folder itself (a conversion's GPTQ/MLX output, a `pull --output`
     # checkpoint), so that `rm` deletes it whole. Earlier releases wrote only single-file (GGUF) models.
     """ALTER TABLE models ADD COLUMN written_folder INTEGER NOT NULL DEFAULT 0""",
+    # 4: an adapter's base model (earlier releases dropped it), and one format per kind of adapter instead of "lora":
+    # a GGUF file is llama.cpp's, a folder whose files include adapters.safetensors mlx-lm's, any other folder PEFT's.
+    # That guess (and the empty base model) is corrected from the files when the store opens: SQL cannot read them,
+    # so the rows are listed in adapters_to_inspect until ModelStore has looked (see _inspect_migrated_adapters).
+    """ALTER TABLE models ADD COLUMN base_model TEXT NOT NULL DEFAULT '';
+    CREATE TABLE adapters_to_inspect (model TEXT PRIMARY KEY);
+    INSERT INTO adapters_to_inspect SELECT name FROM models WHERE format = 'lora';
+    UPDATE models SET format = CASE
+        WHEN path LIKE '%.gguf' THEN 'gguf-lora'
+        WHEN EXISTS (SELECT 1 FROM model_files WHERE model_files.model = models.name
+            AND (model_files.path LIKE '%/adapters.safetensors' OR model_files.path LIKE '%\\adapters.safetensors')) THEN 'mlx-lora'
+        ELSE 'peft-lora' END
+        WHERE format = 'lora'""",
 ]
 
 _COLUMNS = ("name", "path", "format", "architecture", "parameter_count", "quantization", "context_length",
-            "size_bytes", "source", "parent", "lineage", "added_at", "repo_id", "revision", "written_folder")  # fmt: skip
+            "size_bytes", "source", "parent", "lineage", "added_at", "repo_id", "revision", "written_folder", "base_model")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -70,10 +84,17 @@ class LocalModel:
     files: tuple[Path, ...] = field(default=())
     # pocketlm created the folder at `path` and put only its own output there: `rm` deletes the folder whole.
     written_folder: bool = False
+    base_model: str = ""  # for an adapter: the model it was trained on, as it names it (a Hub repo id or a path)
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.format in ADAPTER_FORMATS
 
 
 def model_from_facts(name: str, facts: ModelFacts, source: str, **origin: object) -> LocalModel:
-    """A registry entry for a model whose files `facts` describes; `origin` sets parent, lineage, repo_id, ..."""
+    """A registry entry for a model whose files `facts` describes; `origin` sets parent, lineage, repo_id, ...
+    (and base_model, when the caller knows an adapter's base better than its files say)."""
+    origin = {"base_model": facts.base_model, **origin}
     return LocalModel(
         name=name, path=facts.location or facts.files[0].parent, format=str(facts.format),
         architecture=facts.architecture, parameter_count=facts.parameter_count, quantization=facts.quantization,
@@ -88,8 +109,28 @@ class ModelStore:
         self._lock = threading.Lock()
         with self._lock:
             migrate(self._connection, "models", _MIGRATIONS)
+        self._inspect_migrated_adapters()
         # Work a killed pocketlm left in the models folder beside the database (locations.models_dir()).
         sweep_leftovers(Path(database).parent / "models", self._is_registered)
+
+    def _inspect_migrated_adapters(self) -> None:
+        """Read the files of the adapters migration 4 classified by name alone: their format and base model. Once per
+        row (an empty table costs one query per open); a row whose files are gone or unreadable keeps migration 4's guess."""
+        with self._lock:
+            names = [row["model"] for row in self._connection.execute("SELECT model FROM adapters_to_inspect").fetchall()]
+        for name in names:
+            model = self.get(name)
+            facts = None
+            if model is not None and model.path.exists():
+                try:
+                    facts = inspect_model(model.path)
+                except PocketError:
+                    facts = None
+            with self._lock:
+                if facts is not None and facts.format in ADAPTER_FORMATS:
+                    self._connection.execute("UPDATE models SET format = ?, base_model = ?, architecture = ?, quantization = ? WHERE name = ?",
+                                             (str(facts.format), facts.base_model, facts.architecture, facts.quantization, name))  # fmt: skip
+                self._connection.execute("DELETE FROM adapters_to_inspect WHERE model = ?", (name,))
 
     def _is_registered(self, path: Path) -> bool:
         return bool(self.users_of(path) or self.users_of(path.resolve()) or self.models_at(path))
@@ -198,6 +239,23 @@ class ModelStore:
         with self._lock:
             rows = self._connection.execute("SELECT name FROM models WHERE parent = ? ORDER BY name", (name,)).fetchall()
         return [row["name"] for row in rows]
+
+    def adapters_of(self, model: LocalModel, models: Sequence[LocalModel] | None = None) -> list[LocalModel]:
+        """The adapters trained on `model`: those whose base_model names it, or the model it was converted from (a
+        GGUF made from a pulled checkpoint), by store name, Hub repo id or path (without case). The one place that
+        decides which adapters belong to a model. `models`: the store's whole list when the caller has read it
+        already (a table of every model reads it once, not once per model)."""
+        models = self.list() if models is None else models
+        by_name = {m.name: m for m in models}
+        names: set[str] = set()
+        seen: set[str] = set()
+        current: LocalModel | None = model
+        while current is not None and current.name not in seen:  # up the lineage: a parent may have been removed
+            seen.add(current.name)
+            names |= {current.name.lower(), current.repo_id.lower(), str(current.path).rstrip("/").lower()}
+            current = by_name.get(current.parent) if current.parent else None
+        names.discard("")
+        return [m for m in models if m.is_adapter and m.base_model and m.base_model.rstrip("/").lower() in names]
 
     def remove(self, name: str) -> None:
         with self._lock:

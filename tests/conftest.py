@@ -138,3 +138,28 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("tiny")
     tokenizer = train_sentencepiece_tokenizer(folder / "tokenizer")
     return build_tiny_model("llama", folder / "llama", tokenizer, vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_f32_gguf(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_llama converted to GGUF in float32, so llama.cpp computes with the very weights PEFT's base has."""
+    destination = tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama-f32.gguf"
+    return HfToGGUF().convert(tiny_llama, destination, ConvertOptions(settings=GGUFSettings(outtype="f32")), ignore_progress).path
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """PEFT LoRA adapters on tiny_llama, saved by PEFT itself, each with non-zero A and B:
+    "plain" (rank 4, alpha 8, every attention and MLP projection), "rslora" (rank 8, alpha 4, use_rslora, bf16),
+    "patterned" (rank 4 / alpha 8 with rank_pattern down_proj 2 and alpha_pattern q_proj 3, layer 1 only) and
+    "second" (rank 2, q/v only, another seed: stacked with "plain")."""
+    from tests.adapter_fixtures import build_peft_adapter
+
+    folder = tmp_path_factory.mktemp("tiny-adapters")
+    return {
+        "plain": build_peft_adapter(tiny_llama, folder / "plain", rank=4, alpha=8.0),
+        "rslora": build_peft_adapter(tiny_llama, folder / "rslora", rank=8, alpha=4.0, use_rslora=True, dtype="bfloat16", seed=1),
+        "patterned": build_peft_adapter(tiny_llama, folder / "patterned", rank=4, alpha=8.0, rank_pattern={"down_proj": 2},
+                                         alpha_pattern={"q_proj": 3.0}, layers=[1], seed=2),  # fmt: skip
+        "second": build_peft_adapter(tiny_llama, folder / "second", rank=2, alpha=2.0, targets=("q_proj", "v_proj"), seed=3),
+    }

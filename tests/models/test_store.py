@@ -7,7 +7,9 @@ import os
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save as safetensors_save
 
 from pocketlm.models.errors import ModelFileError, ModelNotFound
 from pocketlm.models.pull import parse_pull_spec, plan_pull, run_pull
@@ -45,10 +47,13 @@ def test_formats_are_read_from_the_files_not_the_name(model_store: ModelStore, t
     assert model_store.register(mlx, source="test").format == "mlx"
     adapter = tmp_path / "my-adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
-    (adapter / "adapter_model.safetensors").write_bytes(tiny_llama_weights())
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    (adapter / "adapter_model.safetensors").write_bytes(safetensors_save({
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((8, 64), np.float32),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((64, 8), np.float32),
+    }))  # fmt: skip
     lora = model_store.register(adapter, source="test")
-    assert (lora.format, lora.quantization) == ("lora", "rank 8")
+    assert (lora.format, lora.quantization, lora.base_model) == ("peft-lora", "rank 8", "HuggingFaceTB/SmolLM2-135M-Instruct")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,42 @@
+"""PEFT LoRA adapters for tests, made by PEFT itself on a given base checkpoint (seconds for the tiny models).
+
+B is not left at PEFT's zero initialisation: a zero B changes nothing, and every parity test would pass vacuously.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ATTENTION_AND_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_peft_adapter(base: Path, destination: Path, *, rank: int = 4, alpha: float = 8.0, use_rslora: bool = False,
+                       targets: tuple[str, ...] = ATTENTION_AND_MLP, rank_pattern: dict[str, int] | None = None,
+                       alpha_pattern: dict[str, float] | None = None, layers: list[int] | None = None, seed: int = 0,
+                       spread: float = 0.05, dtype: str = "float32", use_dora: bool = False) -> Path:  # fmt: skip
+    """A LoRA on the checkpoint at `base`, saved by PEFT's save_pretrained into `destination`; A and B drawn from
+    N(0, spread²) so the adapter moves the logits by a visible amount without drowning the base model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=list(targets), lora_dropout=0.0,
+                        rank_pattern=rank_pattern or {}, alpha_pattern=alpha_pattern or {}, layers_to_transform=layers,
+                        use_dora=use_dora, init_lora_weights=True, task_type="CAUSAL_LM")  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                parameter.normal_(0.0, spread)
+    peft_model.to(getattr(torch, dtype))
+    peft_model.save_pretrained(destination)
+    config_path = destination / "adapter_config.json"
+    # PEFT writes the absolute path of a local base; a Hub-trained adapter names a repo id. Keep the test's the latter's shape.
+    import json
+
+    data = json.loads(config_path.read_text())
+    data["base_model_name_or_path"] = str(base)
+    config_path.write_text(json.dumps(data, indent=2))
+    return destination

@@ -25,6 +25,8 @@ _SUFFIX = re.compile(r":(F32|F16|BF16|Q8_0)$", re.IGNORECASE)
 # llama.cpp keeps embeddings and some layers at higher types than a quant's average; GPTQ keeps them unquantized.
 _SIZE_MARGIN = 1.15
 _SIZE_SLACK = 16 * 2**20
+# A single-file format whose files carry another suffix: a GGUF LoRA is a .gguf file, as llama.cpp's tools name it.
+_FILE_SUFFIXES = {"gguf-lora": "gguf"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ def file_name_for(name: str, converter: type[Converter] | None = None) -> str:
         raise ConversionError(f"{name!r} cannot name the output's file or folder.", "Choose a --name with letters or digits that does not start with a dot.")
     if converter is not None and converter.output_is_folder:
         return base
-    return f"{base}.{converter.target_format if converter is not None else 'gguf'}"
+    target_format = converter.target_format if converter is not None else "gguf"
+    return f"{base}.{_FILE_SUFFIXES.get(target_format, target_format)}"
 
 
 def outtype_for(source: LocalModel | None, outtype: str) -> str:

@@ -84,8 +84,8 @@ class HfToGGUF:
         requested = settings_of(self, options).outtype  # type: ignore[attr-defined]
         if requested not in OUTTYPES:
             raise ConversionError(f"{requested!r} is not an output type for GGUF conversion.", f"Choose one of {', '.join(OUTTYPES)}.")
-        config = _read_config(source)
-        architecture = _architecture(config)
+        config = read_checkpoint_config(source)
+        architecture = gguf_architecture(config)
         sizes = read_hyperparameters(config, architecture)  # before anything else: a bad size must not reach a loop
         arch = getattr(gguf.MODEL_ARCH, architecture.gguf_arch)
         tensors = _tensors(source, config, arch, architecture, sizes)
@@ -135,7 +135,8 @@ def _closing(writer: object) -> Iterator[object]:
         writer.close()  # type: ignore[attr-defined]  # on failure too: the temporary file must be closed to go
 
 
-def _read_config(folder: Path) -> Config:
+def read_checkpoint_config(folder: Path) -> Config:
+    """The checkpoint's config.json, refused with a sentence when missing or not a JSON object."""
     path = folder / "config.json"
     if not path.is_file():
         raise ConversionError(f"{folder} has no config.json, so it cannot be converted.", "Give the folder of a Hugging Face checkpoint.")
@@ -148,7 +149,8 @@ def _read_config(folder: Path) -> Config:
     return config
 
 
-def _architecture(config: Config) -> Architecture:
+def gguf_architecture(config: Config) -> Architecture:
+    """The GGUF converter's recipe for the checkpoint's architecture; one it does not know is refused with a sentence."""
     from pocketlm.converters.gguf_architectures import ARCHITECTURES, supported_names
 
     names = config.get("architectures") or []

@@ -8,11 +8,18 @@ within one token with stop_reason "cancelled".
 
 from __future__ import annotations
 
+import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, runtime_checkable
+
+from pocketlm.models.errors import PocketError
+from pocketlm.models.peft_adapter import AdapterError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Role = Literal["system", "user", "assistant"]
 # How many of the latest tokens SamplingParams.repeat_penalty weighs on, in every backend: llama.cpp's default window.
@@ -28,10 +35,22 @@ class ChatMessage:
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """A LoRA adapter to apply on load, at `scale`."""
+    """A LoRA adapter, in a format the backend takes (Backend.adapter_formats), applied at `scale`: 1 is the adapter as
+    trained, 0 is the base model, 0.5 half the change, as PEFT's set_scale means it."""
 
     path: Path
     scale: float = 1.0
+    name: str = ""  # how the user knows it (its store name); the file or folder name when empty
+
+    def __post_init__(self) -> None:
+        # Refused here, once for every backend: a NaN or infinite scale would turn every logit into NaN.
+        if not math.isfinite(self.scale):
+            raise AdapterError(f"{self.label}'s scale {self.scale} is not a finite number.", "Give a scale such as 1, 0.5 or 0.")
+
+    @property
+    def label(self) -> str:
+        path = Path(self.path)
+        return self.name or (path.stem if path.suffix == ".gguf" else path.name)
 
 
 @dataclass(frozen=True)
@@ -41,7 +60,7 @@ class LoadOptions:
     gpu_layers: int = 0  # llama.cpp: layers to offload; -1 for all
     device: str | None = None  # PyTorch and MLX: "cuda", "cuda:1", "cpu", "mps"; None: the best this machine has
     dtype: str | None = None  # PyTorch: "float32", "float16", "bfloat16"; None: bf16/f16 on a GPU, float32 on a CPU
-    adapters: tuple[AdapterSpec, ...] = ()
+    adapters: tuple[AdapterSpec, ...] = ()  # applied once loaded, as set_adapters would
     force: bool = False  # load even when the memory estimate says it will not fit
     beside_ui: bool = False  # the app's UI thread shares the cores: an engine whose threads wait for each other keeps one free
     trust_remote_code: bool = False  # run a checkpoint's own Python code (transformers); only when the user asks
@@ -110,6 +129,7 @@ class ModelDescription:
     context_length: int  # the loaded context window, in tokens
     warnings: tuple[str, ...] = ()  # what the user should read once after loading (e.g. a replaced chat template)
     device: str = ""  # where this model runs, as loaded: "CPU", "CPU + GPU (all layers)", "CUDA: NVIDIA H200, bfloat16"
+    adapters: tuple[AdapterSpec, ...] = ()  # the LoRA adapters active now, with their scales (set_adapters keeps it current)
 
 
 @runtime_checkable
@@ -128,9 +148,48 @@ class ChatModel(Protocol):
         """Tokens the conversation takes once rendered with the model's chat template."""
         ...
 
+    def set_adapters(self, adapters: Sequence[AdapterSpec]) -> None:
+        """Make `adapters`, each at its scale, the whole active set from the next token on, without reloading the base
+        model; () detaches them all. An adapter used before is reused from memory (unless its files changed since), a
+        new one read and checked first (AdapterError, one sentence, when it does not fit or is of a format the backend
+        does not take; the active set is then unchanged). The same adapter (same resolved path) listed twice is refused
+        (refuse_repeated_adapters), never summed. Waits for a streaming reply to finish. Keeps description.adapters
+        current. On a closed model: closed_model_error."""
+        ...
+
+    def token_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """The logits after each of `tokens` (len(tokens) × vocabulary, float32), computed from scratch with the active
+        adapters, as the model would score that text: for parity tests and perplexity. Leaves no state a reply reuses.
+        No tokens, or more than the loaded context: require_token_count's PocketError. On a closed model:
+        closed_model_error."""
+        ...
+
     def close(self) -> None:
         """Free the model's memory; the object is unusable afterwards."""
         ...
+
+
+def closed_model_error(model_name: str) -> PocketError:
+    """What every ChatModel raises when used after close(), checked under the model's lock (a close may be waiting)."""
+    return PocketError(f"{model_name} was closed, so it cannot be used any more.", "Load the model again.")
+
+
+def require_token_count(tokens: Sequence[int], context_length: int) -> None:
+    """Refuse, as every backend's token_logits does, no tokens or more than the loaded context holds."""
+    if not 0 < len(tokens) <= context_length:
+        raise PocketError(f"token_logits takes 1 to {context_length} tokens (the loaded context), not {len(tokens)}.",
+                          "Score a shorter text, or load the model with a larger --ctx.")  # fmt: skip
+
+
+def refuse_repeated_adapters(adapters: Sequence[AdapterSpec]) -> None:
+    """Refuse, as every backend's set_adapters does, one adapter (the same resolved path) listed twice: summing the
+    copies or keeping one would both surprise someone, and the user can say the scale they mean."""
+    seen: set[Path] = set()
+    for spec in adapters:
+        path = Path(spec.path).expanduser().resolve()
+        if path in seen:
+            raise AdapterError(f"{spec.label} is listed twice.", "Give it once, with the scale you want.")
+        seen.add(path)
 
 
 class Backend(Protocol):
@@ -139,6 +198,7 @@ class Backend(Protocol):
     name: ClassVar[str]  # short id shown to users: "llama.cpp", "torch", "mlx"
     formats: ClassVar[frozenset[str]]  # model formats it loads: "gguf", "safetensors", "mlx", ...
     install_hint: ClassVar[str]  # what to run when is_available() is False
+    adapter_formats: ClassVar[frozenset[str]]  # adapter formats set_adapters takes: "gguf-lora", "peft-lora", "mlx-lora"
 
     @classmethod
     def is_available(cls) -> bool:

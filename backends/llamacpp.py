@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import importlib.util
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from pocketlm.backends.base import ChatMessage, GenerationEvent, LoadOptions, ModelDescription, SamplingParams
+from pocketlm.backends.base import (
+    AdapterSpec,
+    ChatMessage,
+    GenerationEvent,
+    LoadOptions,
+    ModelDescription,
+    SamplingParams,
+    closed_model_error,
+    require_token_count,
+)
 from pocketlm.backends.chat_template import ChatFormat, RenderedPrompt
 from pocketlm.backends.llamacpp_probe import ensure_llama_cpp_survives
 from pocketlm.backends.streaming import BytePieces, PromptTokenizer, ReplyEngine, TokenSteps, stream_reply
@@ -21,6 +31,7 @@ from pocketlm.models.fit import DEFAULT_CONTEXT_LENGTH, estimate_gguf_memory, ph
 from pocketlm.models.gguf_info import GGUFSummary, read_gguf
 
 if TYPE_CHECKING:
+    import numpy as np
     from llama_cpp import Llama
 
 # llama.cpp's default seed value, which asks it for a random one.
@@ -31,6 +42,7 @@ class LlamaCppBackend:
     name: ClassVar[str] = "llama.cpp"
     formats: ClassVar[frozenset[str]] = frozenset({"gguf"})
     install_hint: ClassVar[str] = "Install it with: pip install 'pocketlm[llama]'"
+    adapter_formats: ClassVar[frozenset[str]] = frozenset({"gguf-lora"})
 
     @classmethod
     def is_available(cls) -> bool:
@@ -54,8 +66,6 @@ class LlamaCppBackend:
         context_length = min(options.context_length or min(DEFAULT_CONTEXT_LENGTH, summary.context_length), 2**24)
         if not options.force:
             require_fit(estimate_gguf_memory(summary, context_length), model_path.name)
-        if options.adapters:
-            raise PocketError("The llama.cpp backend does not load LoRA adapters yet.", "Load the model without --adapter.")
 
         threads = options.threads or engine_threads(options.beside_ui)
         # llama.cpp aborts the whole process on some damage no header check foresees: a file it has never opened on
@@ -81,7 +91,14 @@ class LlamaCppBackend:
                 f"llama.cpp could not load {model_path.name} (architecture {summary.architecture!r}): {error}.",
                 "The file may be damaged, or of an architecture this llama.cpp build does not support.",
             ) from None
-        return LlamaCppChatModel(llm, summary, context_length, _placement(gpu_layers))
+        model = LlamaCppChatModel(llm, summary, context_length, _placement(gpu_layers))
+        if options.adapters:
+            try:
+                model.set_adapters(options.adapters)
+            except BaseException:
+                model.close()
+                raise
+        return model
 
     @staticmethod
     def _create(llama_class: type[Llama], settings: dict) -> Llama:  # type: ignore[type-arg]
@@ -167,16 +184,20 @@ class LlamaCppChatModel:
     def __init__(self, llm: Llama, summary: GGUFSummary, context_length: int, device: str = "CPU") -> None:
         import llama_cpp
 
+        from pocketlm.backends.llamacpp_adapters import LoraAdapters
         from pocketlm.backends.llamacpp_decoding import DecodeLoop
 
         self._llm = llm
         self._summary = summary
         self._lock = threading.Lock()
+        self._closed = False  # set by close(), under the lock: the C pointers below dangle from then on
         self._vocab = llm._model.vocab
         self._is_eog = llama_cpp.llama_vocab_is_eog
         self._token_to_piece = llama_cpp.llama_token_to_piece
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._loop = DecodeLoop(llm)
+        self._context_length = context_length
+        self._adapters = LoraAdapters(llm._model.model, llm._ctx.ctx, summary.architecture, summary.path.name)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         controls, user_defined = _special_tokens(self._vocab)
         self._format = ChatFormat(summary.chat_template, summary.architecture, summary.bos_token, summary.eos_token,
@@ -247,7 +268,28 @@ class LlamaCppChatModel:
         finally:
             sampler.close()
 
+    def set_adapters(self, adapters: Sequence[AdapterSpec]) -> None:
+        from pocketlm.backends.adapter_format import check_adapter_set
+
+        with self._lock:
+            # After close() the model's memory is freed: llama_adapter_lora_init on it would crash the process.
+            if self._closed:
+                raise closed_model_error(self.description.name)
+            check_adapter_set(adapters, LlamaCppBackend.adapter_formats, LlamaCppBackend.name)
+            if self._adapters.apply(adapters):
+                # The cached prefix's keys and values were computed with the old adapters: the next reply must not reuse them.
+                self._loop.forget()
+            self.description = dataclasses.replace(self.description, adapters=tuple(adapters))
+
+    def token_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        with self._lock:
+            if self._closed:
+                raise closed_model_error(self.description.name)
+            require_token_count(tokens, self._context_length)
+            return self._loop.score(list(tokens), self._n_vocab)
+
     def close(self) -> None:
         """Frees the model once no reply is streaming (a running stream is cancelled by its caller first)."""
         with self._lock:
+            self._closed = True
             self._llm.close()

@@ -7,16 +7,17 @@ record of what the KV cache holds, and reuses the longest shared prefix between 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import llama_cpp
+import numpy as np
 
 from pocketlm.backends.base import REPEAT_PENALTY_WINDOW, SamplingParams
 from pocketlm.models.errors import PocketError
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
-
 
 
 class Sampler:
@@ -81,6 +82,32 @@ class DecodeLoop:
             tokens = (llama_cpp.llama_token * len(chunk))(*chunk)  # named: the batch only points at it
             self._decode(llama_cpp.llama_batch_get_one(tokens, len(chunk)))
             self._cached += chunk
+
+    def forget(self) -> None:
+        """Empty the cache: what it holds was computed with weights (adapters) that no longer apply."""
+        llama_cpp.llama_memory_clear(self._memory, True)
+        self._cached.clear()
+
+    def score(self, tokens: Sequence[int], n_vocab: int) -> np.ndarray:
+        """The logits after each of `tokens` (len × n_vocab float32), decoded from an empty cache, which is left empty."""
+        self.forget()
+        rows = np.empty((len(tokens), n_vocab), dtype=np.float32)
+        batch = llama_cpp.llama_batch_init(self._batch_size, 0, 1)
+        try:
+            for start in range(0, len(tokens), self._batch_size):
+                chunk = tokens[start : start + self._batch_size]
+                for i, token in enumerate(chunk):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, start + i, 1, True
+                    batch.seq_id[i][0] = 0
+                batch.n_tokens = len(chunk)
+                self._decode(batch)
+                # With a logits flag on every token, llama.cpp stores one row per token, in batch order.
+                logits = llama_cpp.llama_get_logits(self._context)
+                rows[start : start + len(chunk)] = np.ctypeslib.as_array(logits, shape=(len(chunk), n_vocab))
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            self.forget()
+        return rows
 
     def sample(self, sampler: Sampler) -> int:
         return int(llama_cpp.llama_sampler_sample(sampler.chain, self._context, -1))

@@ -12,13 +12,22 @@ import json
 import math
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pocketlm.backends.base import REPEAT_PENALTY_WINDOW, LoadOptions, ModelDescription, SamplingParams
+from pocketlm.backends.base import (
+    REPEAT_PENALTY_WINDOW,
+    AdapterSpec,
+    LoadOptions,
+    ModelDescription,
+    SamplingParams,
+    closed_model_error,
+    require_token_count,
+)
 from pocketlm.backends.hf_chat import HFTokenizerChat
 from pocketlm.backends.hf_tokenizer import HFChatTokens, generation_config_end_ids
 from pocketlm.backends.library_warnings import quiet_library_warnings
@@ -29,6 +38,7 @@ from pocketlm.models.formats import ModelFacts, ModelFormat, inspect_model
 
 if TYPE_CHECKING:
     import mlx.core as mx
+    import numpy as np
 
 INSTALL_HINT = "Install it with: pip install 'pocketlm[mlx]'"
 # mlx-lm's own prefill chunk (generate_step's prefill_step_size): bounds the prompt's activations.
@@ -66,6 +76,7 @@ class MLXBackend:
     name: ClassVar[str] = "mlx"
     formats: ClassVar[frozenset[str]] = frozenset({"mlx", "safetensors"})
     install_hint: ClassVar[str] = _install_hint()
+    adapter_formats: ClassVar[frozenset[str]] = frozenset({"mlx-lora"})
 
     @classmethod
     def is_available(cls) -> bool:
@@ -99,8 +110,6 @@ class MLXBackend:
         if options.gpu_layers != 0:
             raise PocketError(f"The mlx backend places the whole model on one device; --gpu-layers {options.gpu_layers} is for llama.cpp.",
                               "Leave out --gpu-layers.")  # fmt: skip
-        if options.adapters:
-            raise PocketError("The mlx backend does not load LoRA adapters yet.", "Load the model without --adapter.")
         if (reason := unavailable_reason()) is not None:
             raise PocketError(f"The mlx backend cannot run here: {reason}", _install_hint())
         config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
@@ -119,7 +128,14 @@ class MLXBackend:
             weights = facts.size_bytes if quantized else facts.parameter_count * DTYPE_BYTES[dtype]
             require_fit(estimate_torch_memory(config, weights, DTYPE_BYTES[dtype], context_length, "cpu"), model_path.name)
         model, tokenizer = _load(mx, model_path, config, facts, getattr(mx, dtype), options.trust_remote_code)
-        return MLXChatModel(model, tokenizer, config, facts, model_path.name, device, dtype, context_length)
+        chat = MLXChatModel(model, tokenizer, config, facts, model_path.name, device, dtype, context_length)
+        if options.adapters:
+            try:
+                chat.set_adapters(options.adapters)
+            except BaseException:
+                chat.close()
+                raise
+        return chat
 
 
 def _import_mlx() -> Any:
@@ -298,6 +314,7 @@ class MLXChatModel(HFTokenizerChat):
         folder = facts.files[0].parent if facts.files else Path(name)
         self._tokens = HFChatTokens(tokenizer, facts.architecture, (generation_config_end_ids(folder), config.get("eos_token_id")))
         self._engine = ReplyEngine(context_length, self._render, self._tokens.format.take_notice, self._decoding)
+        self._adapters: Any = None  # an MLXAdapters once the first adapter is set (mlx_lora imports mlx.nn)
         place = "Metal GPU" if device == mx.gpu else "CPU"
         self.description = ModelDescription(
             name=name,
@@ -324,10 +341,49 @@ class MLXChatModel(HFTokenizerChat):
             del decoder
             self._mx.clear_cache()
 
+    def set_adapters(self, adapters: Sequence[AdapterSpec]) -> None:
+        from pocketlm.backends.adapter_format import check_adapter_set
+
+        with self._lock:  # a streaming reply holds it: the set changes between replies, never within one
+            self._require_open()
+            check_adapter_set(adapters, MLXBackend.adapter_formats, MLXBackend.name)
+            if self._adapters is None:
+                from pocketlm.backends.mlx_lora import MLXAdapters
+
+                self._adapters = MLXAdapters(self._model, self.description.name)
+            self._adapters.activate(adapters)
+            # Every reply builds its own prompt cache (_Decoder), so no key or value computed with the old set is reused.
+            self.description = replace(self.description, adapters=tuple(adapters))
+
+    def token_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        import numpy as np
+        from mlx_lm.models.cache import make_prompt_cache
+
+        with self._lock:
+            self._require_open()
+            require_token_count(tokens, self.description.context_length)
+            mx = self._mx
+            cache = make_prompt_cache(self._model)  # fresh: the reply after this one builds its own again
+            rows = []
+            with mx.stream(self._stream):
+                ids = mx.array(list(tokens))
+                for start in range(0, len(tokens), _PREFILL_CHUNK):
+                    logits = self._model(ids[start : start + _PREFILL_CHUNK][None], cache=cache)[0].astype(mx.float32)
+                    mx.eval(logits)
+                    rows.append(np.array(logits))
+            del cache
+            mx.clear_cache()
+            return np.concatenate(rows)
+
+    def _require_open(self) -> None:
+        if self._model is None:
+            raise closed_model_error(self.description.name)
+
     def close(self) -> None:
         """Frees the model once no reply is streaming (a running stream is cancelled by its caller first)."""
         with self._lock:
             self._model = None
+            self._adapters = None
             import gc
 
             gc.collect()

@@ -12,19 +12,30 @@ import math
 import sys
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pocketlm.backends.base import REPEAT_PENALTY_WINDOW, LoadOptions, ModelDescription, SamplingParams
+from pocketlm.backends.adapter_format import check_adapter_set
+from pocketlm.backends.base import (
+    REPEAT_PENALTY_WINDOW,
+    AdapterSpec,
+    LoadOptions,
+    ModelDescription,
+    SamplingParams,
+    closed_model_error,
+    require_token_count,
+)
 from pocketlm.backends.gptq_runtime import prepare_gptq
 from pocketlm.backends.hf_chat import HFTokenizerChat
 from pocketlm.backends.hf_tokenizer import HFChatTokens
 from pocketlm.backends.library_warnings import quiet_library_warnings
 from pocketlm.backends.streaming import ReplyEngine, TokenSteps, WindowDecoder
 from pocketlm.backends.threads import engine_threads
+from pocketlm.backends.torch_adapters import TorchAdapters
 from pocketlm.models.errors import ModelFileError, NotEnoughMemory, PocketError
 from pocketlm.models.fit import (
     DEFAULT_CONTEXT_LENGTH,
@@ -38,6 +49,7 @@ from pocketlm.models.fit import (
 from pocketlm.models.formats import ModelFacts, ModelFormat, inspect_model
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 TRUST_REMOTE_CODE_OPTION = "--trust-remote-code"
@@ -53,6 +65,7 @@ def _install_hint() -> str:
 class TorchBackend:
     name: ClassVar[str] = "torch"
     formats: ClassVar[frozenset[str]] = frozenset({"safetensors", "gptq"})
+    adapter_formats: ClassVar[frozenset[str]] = frozenset({"peft-lora"})
     install_hint: ClassVar[str] = _install_hint()
 
     @classmethod
@@ -102,12 +115,17 @@ class TorchBackend:
         if not options.force:
             weights = facts.size_bytes if facts.format == ModelFormat.GPTQ else facts.parameter_count * DTYPE_BYTES[dtype_name]
             require_fit(estimate_torch_memory(config, weights, DTYPE_BYTES[dtype_name], context_length, device), model_path.name)
-        if options.adapters:
-            raise PocketError("The torch backend does not load LoRA adapters yet.", "Load the model without --adapter.")
         if device == "cpu":
             _set_threads_once(torch, options.threads or engine_threads(options.beside_ui))
         model, tokenizer = _load(torch, model_path, facts, device, getattr(torch, dtype_name), options.trust_remote_code)
-        return TorchChatModel(model, tokenizer, facts, model_path.name, device, dtype_name, context_length)
+        chat_model = TorchChatModel(model, tokenizer, facts, model_path, device, dtype_name, context_length)
+        if options.adapters:
+            try:
+                chat_model.set_adapters(options.adapters)
+            except BaseException:
+                chat_model.close()  # a refused adapter must not keep the model's memory
+                raise
+        return chat_model
 
 
 _threads_lock = threading.Lock()
@@ -288,10 +306,13 @@ class TokenSampler:
 
 
 class TorchChatModel(HFTokenizerChat):
-    def __init__(self, model: Any, tokenizer: Any, facts: ModelFacts, name: str, device: str, dtype: str, context_length: int) -> None:
+    def __init__(self, model: Any, tokenizer: Any, facts: ModelFacts, folder: Path, device: str, dtype: str, context_length: int) -> None:
+        name = folder.name
         self._model = model
         self._device = device
         self._lock = threading.Lock()
+        # PEFT swaps the adapted layers inside `model` in place: the decode loop below calls `model` and sees them.
+        self._adapters: TorchAdapters | None = TorchAdapters(model, name, folder, device)
         # transformers 5 renamed forward's `past_key_values` to `cache`; checkpoints' own code may still use the old name.
         self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         generation_config = getattr(model, "generation_config", None)
@@ -340,10 +361,35 @@ class TorchChatModel(HFTokenizerChat):
             raise out_of_memory(torch, self._device, "generating with", self.description.name) from None
         return output.logits[0, -1].float()
 
+    def set_adapters(self, adapters: Sequence[AdapterSpec]) -> None:
+        """See ChatModel.set_adapters: PEFT LoRA folders (peft-lora), through backends/torch_adapters.py."""
+        with self._lock:
+            if self._adapters is None:
+                raise closed_model_error(self.description.name)
+            check_adapter_set(adapters, TorchBackend.adapter_formats, TorchBackend.name)
+            self._adapters.activate(adapters)
+            self.description = replace(self.description, adapters=tuple(adapters))
+
+    def token_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """See ChatModel.token_logits: one forward pass over `tokens`, with no cache kept."""
+        import torch
+
+        with self._lock:
+            if self._model is None:
+                raise closed_model_error(self.description.name)
+            require_token_count(tokens, self.description.context_length)
+            try:
+                with torch.inference_mode():
+                    output = self._model(input_ids=torch.tensor([list(tokens)], device=self._device), use_cache=False)
+            except torch.cuda.OutOfMemoryError:
+                raise out_of_memory(torch, self._device, "scoring text with", self.description.name) from None
+            return output.logits[0].float().cpu().numpy()
+
     def close(self) -> None:
         """Frees the model once no reply is streaming (a running stream is cancelled by its caller first)."""
         with self._lock:
             self._model = None
+            self._adapters = None  # its PEFT wrapper holds the model too
             import gc
 
             gc.collect()

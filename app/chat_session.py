@@ -23,7 +23,7 @@ def reply(
     process killed mid-reply loses at most the last batch window.
     """
     messages = [*history.chat_messages(conversation_id), ChatMessage("user", user_text)]
-    writer = history.begin_reply(conversation_id, user_text, model=model.description.name)
+    writer = history.begin_reply(conversation_id, user_text, model=model.description.name, adapters=model.description.adapters)
     finished = False
     try:
         for event in model.stream_chat(messages, sampling, cancel):

@@ -5,18 +5,17 @@ from __future__ import annotations
 import sqlite3
 import sys
 from contextlib import nullcontext
-import threading
 from typing import TYPE_CHECKING
 
 import click
 
-from pocketlm.app import cli_convert, cli_models, exit_codes
+from pocketlm.app import cli_adapters, cli_convert, cli_models, exit_codes
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from pocketlm.app.history import ConversationStore
-    from pocketlm.backends.base import ChatModel, LoadOptions, SamplingParams
+    from pocketlm.backends.base import LoadOptions, SamplingParams
     from pocketlm.models.store import ModelStore
 
 
@@ -94,6 +93,12 @@ def model_options(function):  # type: ignore[no-untyped-def]
     return function
 
 
+def adapter_option(function):  # type: ignore[no-untyped-def]
+    """`--adapter NAME[:SCALE]`, repeatable: LoRA adapters to attach once the model is loaded."""
+    return click.option("--adapter", "adapters", multiple=True, metavar="NAME[:SCALE]",
+                        help="Attach a LoRA adapter (a name from `pocketlm adapter ls`, or its folder) at SCALE (default 1); repeat to stack several.")(function)  # fmt: skip
+
+
 def sampling_options(function):  # type: ignore[no-untyped-def]
     decorators = [
         click.option("--system", default="", help="System prompt."),
@@ -154,110 +159,51 @@ def _install_starter(store: ModelStore, console: Console):  # type: ignore[no-un
         return install_starter(store, show_progress)
 
 
-def _warning(message: str) -> str:
-    """A warning line in rich markup; the message (it may quote a path or a template) is escaped, shown as written."""
-    from rich.markup import escape
-
-    return f"[yellow]Warning:[/yellow] [dim]{escape(message)}[/dim]"
-
-
-def _load(model_query: str | None, interactive: bool, options: LoadOptions, backend: str | None, console: Console):  # type: ignore[no-untyped-def]
+def _load(model_query: str | None, interactive: bool, options: LoadOptions, backend: str | None, console: Console,
+          adapters: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]  # fmt: skip
     from rich.text import Text
 
-    from pocketlm.app.model_loading import choose_model, load_model
+    from pocketlm.app.adapter_loading import parse_adapter_option
+    from pocketlm.app.model_loading import adapter_specs, choose_model, load_model
+    from pocketlm.app.repl import warning_markup
 
     store, history = _stores()
     choice = choose_model(store, model_query or _default_model_name(store, history, console, interactive))
+    requests = [parse_adapter_option(text) for text in adapters]
+    # Checked (and converted for this backend, once) before the model loads: an adapter that does not fit costs no load.
+    with console.status(Text("Preparing adapters…")) if interactive and requests else nullcontext():
+        specs = adapter_specs(store, choice, requests, backend)
     # Text, not a str: rich parses a str as markup, and a model's name is the user's (`evil[/]name` would raise).
     with console.status(Text(f"Loading {choice.name}…")) if interactive else nullcontext():
-        model = load_model(choice, options, backend)
+        model = load_model(choice, options, backend, specs)
     for warning in model.description.warnings:  # on stderr, in pipe mode too: the reply alone goes to stdout
-        console.print(_warning(warning), soft_wrap=True)
-    return model, history
-
-
-def _stream_reply(history: ConversationStore, model: ChatModel, conversation_id: int, text: str,
-                  sampling: SamplingParams, console: Console | None) -> None:  # fmt: skip
-    """Print the reply as it streams; Ctrl-C stops it and keeps what was said. `console` None: the reply alone."""
-    from rich.console import Console
-
-    from pocketlm.app.chat_session import reply
-    from pocketlm.backends.base import ContextTrimmed, GenerationStats, Notice, TextPiece
-
-    cancel = threading.Event()
-    events = reply(history, model, conversation_id, text, sampling, cancel)
-    stats = None
-    try:
-        for event in events:
-            if isinstance(event, TextPiece):
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-            elif isinstance(event, Notice):  # on stderr even in pipe mode: stdout holds the reply alone
-                (console or Console(stderr=True)).print(_warning(event.message), soft_wrap=True)
-            elif isinstance(event, ContextTrimmed) and console:
-                console.print(f"[dim](dropped the {event.dropped_messages} oldest messages to fit the {event.context_length}-token context)[/dim]")
-            elif isinstance(event, GenerationStats):
-                stats = event
-    except KeyboardInterrupt:
-        if console is None:
-            raise
-        cancel.set()
-        for event in events:  # the stream ends within a token and stores the partial reply
-            if isinstance(event, GenerationStats):
-                stats = event
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    if console and stats:
-        note = "  [yellow]stopped[/yellow]" if stats.stop_reason == "cancelled" else ""
-        console.print(
-            f"[dim]{stats.generated_tokens} tokens · {stats.tokens_per_second:.1f} tokens/s · "
-            f"{stats.time_to_first_token_s:.2f} s to first token{note}[/dim]"
-        )
-
-
-REPL_HELP = """Type a message and press Enter. Wrap several lines in \"\"\" to send them as one message.
-  /new            start a new conversation
-  /system TEXT    set the system prompt (starts a new conversation)
-  /bye            quit (Ctrl-D also quits; Ctrl-C stops a reply)"""
-
-
-def _read_message() -> str | None:
-    """One message from the prompt; None at end of input."""
-    try:
-        line = input(">>> ")
-    except EOFError:
-        return None
-    if not line.startswith('"""'):
-        return line
-    lines = [line[3:]]
-    while not lines[-1].endswith('"""'):
-        try:
-            lines.append(input("... "))
-        except EOFError:
-            break
-    return "\n".join(lines).removesuffix('"""').strip()
+        console.print(warning_markup(warning), soft_wrap=True)
+    return model, history, store, choice
 
 
 @cli.command()
 @click.argument("model", required=False)
 @sampling_options
 @model_options
+@adapter_option
 @click.option("-c", "--continue", "resume", is_flag=True, help="Continue the latest conversation.")
 def chat(model: str | None, system: str, temperature: float, top_p: float, top_k: int, max_tokens: int | None,
          seed: int | None, context_length: int | None, threads: int | None, gpu_layers: int, backend: str | None,
          device: str | None, dtype: str | None, trust_remote_code: bool,
-         force: bool, resume: bool) -> None:  # fmt: skip
+         force: bool, adapters: tuple[str, ...], resume: bool) -> None:  # fmt: skip
     """Chat with MODEL (a name from `pocketlm ls`, a prefix of one, a .gguf file or a model folder).
 
     In a terminal this is an interactive chat. With input piped in (`echo hi | pocketlm chat MODEL`)
     it answers that input once and prints only the reply.
     """
     from rich.console import Console
-    from rich.markup import escape
+
+    from pocketlm.app.repl import repl, stream_reply
 
     interactive = sys.stdin.isatty()
     console = Console(stderr=True)
-    chat_model, history = _load(model, interactive, _load_options(context_length, threads, gpu_layers, force, device, dtype, trust_remote_code), backend, console)
+    options = _load_options(context_length, threads, gpu_layers, force, device, dtype, trust_remote_code)
+    chat_model, history, store, choice = _load(model, interactive, options, backend, console, adapters)
     sampling = _sampling(temperature, top_p, top_k, max_tokens, seed)
     name = chat_model.description.name
     latest = history.list()[:1] if resume else []
@@ -266,35 +212,9 @@ def chat(model: str | None, system: str, temperature: float, top_p: float, top_k
         text = sys.stdin.buffer.read().decode("utf-8", errors="replace").strip()
         if not text:
             raise click.UsageError("Nothing to answer: standard input was empty.")
-        _stream_reply(history, chat_model, conversation.id, text, sampling, None)
+        stream_reply(history, chat_model, conversation.id, text, sampling, None)
         return
-
-    import readline  # noqa: F401  (line editing and history for input())
-
-    from pocketlm.models.errors import PocketError
-
-    # Names and messages are escaped: rich parses a printed str as markup, and `evil[/]name` would raise.
-    where = chat_model.description.backend + (f" ({chat_model.description.device})" if chat_model.description.device else "")
-    console.print(f"[bold]{escape(name)}[/bold] on {escape(where)} · "
-                  f"{chat_model.description.context_length} tokens of context. /? for help.")
-    while (text := _read_message()) is not None:
-        if not text.strip():
-            continue
-        command, _, argument = text.strip().partition(" ")
-        if command in ("/bye", "/exit", "/quit"):
-            break
-        if command in ("/?", "/help"):
-            console.print(REPL_HELP)
-        elif command in ("/new", "/system"):
-            system = argument if command == "/system" else system
-            conversation = history.create(model=name, system_prompt=system, sampling=sampling)
-            console.print("[dim]New conversation.[/dim]")
-        else:
-            try:
-                _stream_reply(history, chat_model, conversation.id, text, sampling, console)
-            except PocketError as error:  # one failed turn (too long, refused by the template) ends no session
-                console.print(f"[red]Error:[/red] {escape(error.message)} {escape(error.hint)}")
-    chat_model.close()
+    repl(chat_model, history, store, choice, conversation, system, sampling, console)
 
 
 @cli.command()
@@ -302,18 +222,22 @@ def chat(model: str | None, system: str, temperature: float, top_p: float, top_k
 @click.argument("prompt")
 @sampling_options
 @model_options
+@adapter_option
 def run(model: str, prompt: str, system: str, temperature: float, top_p: float, top_k: int, max_tokens: int | None,
         seed: int | None, context_length: int | None, threads: int | None, gpu_layers: int, backend: str | None,
         device: str | None, dtype: str | None, trust_remote_code: bool,
-        force: bool) -> None:  # fmt: skip
+        force: bool, adapters: tuple[str, ...]) -> None:  # fmt: skip
     """Answer PROMPT once with MODEL and print the reply."""
     from rich.console import Console
 
+    from pocketlm.app.repl import stream_reply
+
     console = Console(stderr=True)
-    chat_model, history = _load(model, False, _load_options(context_length, threads, gpu_layers, force, device, dtype, trust_remote_code), backend, console)
+    options = _load_options(context_length, threads, gpu_layers, force, device, dtype, trust_remote_code)
+    chat_model, history, _, _ = _load(model, False, options, backend, console, adapters)
     sampling = _sampling(temperature, top_p, top_k, max_tokens, seed)
     conversation = history.create(model=chat_model.description.name, system_prompt=system, sampling=sampling)
-    _stream_reply(history, chat_model, conversation.id, prompt, sampling, None)
+    stream_reply(history, chat_model, conversation.id, prompt, sampling, None)
 
 
 @cli.command()
@@ -344,9 +268,38 @@ def backends() -> None:
 
 
 for _command in (cli_models.search, cli_models.pull, cli_models.list_models, cli_models.info, cli_models.rm, cli_models.import_model,
-                 cli_convert.convert, cli_convert.quantize):  # fmt: skip
+                 cli_convert.convert, cli_convert.quantize, cli_adapters.adapter):  # fmt: skip
     cli.add_command(_command)
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except SystemExit as exit_request:
+        code = exit_request.code
+    else:
+        code = exit_codes.OK
+    _exit(code)
+
+
+def _exit(code: int | str | None) -> None:
+    """Exit with `code`; once MLX has run, without its native teardown.
+
+    MLX work runs in worker threads (the app's, the CLI's in_worker), and MLX's C++ threads are not always joined when
+    the process tears down after that: about one `pocketlm convert --to mlx` in four then died at exit with
+    "terminate called without an active exception" (SIGABRT), its work done and saved (ml-explore/mlx#3126). Everything
+    is committed by now, so the process leaves without running that teardown."""
+    if "mlx.core" not in sys.modules:
+        raise SystemExit(code)
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    import logging
+    import os
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach the reader
+            pass
+    os._exit(code if isinstance(code, int) else exit_codes.OK if code is None else exit_codes.ERROR)

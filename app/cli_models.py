@@ -117,24 +117,37 @@ def pull(spec: str, allow_pickle: bool, output: Path | None) -> None:
 
 @click.command(name="ls")
 def list_models() -> None:
-    """List the models in the local store."""
+    """List the models in the local store, each with the LoRA adapters for it beneath it."""
     from rich.table import Table
     from rich.text import Text
 
+    from pocketlm.app.adapter_loading import adapters_by_base, stored_adapters
     from pocketlm.app.model_details import origin, parameters
     from pocketlm.models.fit import human_bytes
 
-    models = _store().list()
-    if not models:
+    store = _store()
+    everything = store.list()
+    models = [m for m in everything if not m.is_adapter]
+    adapters = stored_adapters(store)  # an adapter's conversions are `adapter ls`'s business
+    if not models and not adapters:
         click.echo("No models yet. Try `pocketlm starter`, `pocketlm pull OWNER/NAME` or `pocketlm import PATH`.")
         return
     table = Table(box=None, pad_edge=False)
     table.add_column("Name", no_wrap=True)
     for column, justify in (("Format", "left"), ("Arch", "left"), ("Params", "right"), ("Quant", "left"), ("Size", "right"), ("Origin", "left")):
         table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    under = adapters_by_base(store, everything)
     for m in models:
         cells = (m.name, m.format, m.architecture, parameters(m.parameter_count), m.quantization, human_bytes(m.size_bytes), origin(m))
         table.add_row(*map(Text, cells))  # Text: a str cell is parsed as markup, and names are the user's
+        for a in under.get(m.name, []):
+            cells = (f"  + {a.name}", a.format, "LoRA", parameters(a.parameter_count), a.quantization, human_bytes(a.size_bytes), origin(a))
+            table.add_row(*map(Text, cells), style="dim")
+    placed = {a.name for group in under.values() for a in group}
+    for a in (a for a in adapters if a.name not in placed):  # a base the store does not hold
+        base = f"LoRA for {a.base_model}" if a.base_model else "LoRA"
+        cells = (a.name, a.format, base, parameters(a.parameter_count), a.quantization, human_bytes(a.size_bytes), origin(a))
+        table.add_row(*map(Text, cells), style="dim")
     _stdout_console().print(table)
 
 

@@ -8,14 +8,14 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pocketlm.backends.base import ChatMessage, GenerationStats, Role, SamplingParams
+from pocketlm.backends.base import AdapterSpec, ChatMessage, GenerationStats, Role, SamplingParams
 from pocketlm.models.database import connect, migrate
 
 # interrupted: the process writing it died mid-reply (kill -9, power cut); it holds the text up to its last batch.
@@ -58,6 +58,8 @@ _MIGRATIONS = [
         seq INTEGER NOT NULL,
         text TEXT NOT NULL,
         PRIMARY KEY (message_id, seq)) WITHOUT ROWID""",
+    # 3: the LoRA adapters a reply was made with, and at what scales: a JSON list of {"name", "scale"}, empty for none.
+    """ALTER TABLE messages ADD COLUMN adapters TEXT NOT NULL DEFAULT ''""",
 ]
 _TITLE_LENGTH = 48
 
@@ -73,12 +75,55 @@ class Conversation:
 
 
 @dataclass(frozen=True)
+class UsedAdapter:
+    """An adapter a reply was made with: its store name and the scale it was applied at."""
+
+    name: str
+    scale: float = 1.0
+
+    @property
+    def label(self) -> str:
+        """"my-lora" at scale 1, "my-lora ×0.5" otherwise."""
+        return self.name if self.scale == 1 else f"{self.name} ×{self.scale:g}"
+
+
+@dataclass(frozen=True)
 class StoredMessage:
     id: int
     role: Role
     content: str
     status: MessageStatus
     tokens_per_second: float | None = None
+    adapters: tuple[UsedAdapter, ...] = ()  # a reply's adapters; () for a message the user wrote, or a reply made without
+
+
+def used_adapters(adapters: Sequence[AdapterSpec | UsedAdapter]) -> tuple[UsedAdapter, ...]:
+    """A model's adapters (description.adapters) as a reply records them: each one's name and scale."""
+    return tuple(UsedAdapter(a.label, a.scale) if isinstance(a, AdapterSpec) else a for a in adapters)
+
+
+def adapters_label(adapters: Sequence[UsedAdapter]) -> str:
+    """"my-lora ×0.5 + style": how the CLI, the status line and the Chat screen show adapters; "" for none."""
+    return " + ".join(adapter.label for adapter in adapters)
+
+
+def _adapters_to_json(adapters: Sequence[AdapterSpec | UsedAdapter]) -> str:
+    if not adapters:
+        return ""
+    return json.dumps([{"name": adapter.name, "scale": adapter.scale} for adapter in used_adapters(adapters)])
+
+
+def _adapters_from_json(text: str) -> tuple[UsedAdapter, ...]:
+    """A reply's adapters as stored; what a later pocketlm could write and this one cannot read is left out, not fatal."""
+    try:
+        entries = json.loads(text) if text else []
+    except ValueError:
+        return ()
+    used = []
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("scale"), (int, float)):
+            used.append(UsedAdapter(entry["name"], float(entry["scale"])))
+    return tuple(used)
 
 
 def _sampling_from_json(text: str) -> SamplingParams:
@@ -184,13 +229,13 @@ class ConversationStore:
 
     def messages(self, conversation_id: int) -> list[StoredMessage]:
         rows = self._execute(
-            "SELECT id, role, content, status, tokens_per_second FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
+            "SELECT id, role, content, status, tokens_per_second, adapters FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
         )
         messages = []
         for row in rows:
             # A reply still streaming keeps its batches apart until it ends.
             content = row["content"] + self._streamed(row["id"]) if row["status"] == "streaming" else row["content"]
-            messages.append(StoredMessage(row["id"], row["role"], content, row["status"], row["tokens_per_second"]))
+            messages.append(StoredMessage(row["id"], row["role"], content, row["status"], row["tokens_per_second"], _adapters_from_json(row["adapters"])))
         return messages
 
     def _streamed(self, message_id: int) -> str:
@@ -222,13 +267,13 @@ class ConversationStore:
         with self._transaction():
             return self._insert_message(conversation_id, role, content, status, model)
 
-    def _insert_message(self, conversation_id: int, role: Role, content: str, status: MessageStatus, model: str) -> int:
+    def _insert_message(self, conversation_id: int, role: Role, content: str, status: MessageStatus, model: str, adapters: str = "") -> int:
         now = time.time()
         writer_pid, writer_started = self._writer if status == "streaming" else (None, None)
         cursor = self._connection.execute(
-            "INSERT INTO messages (conversation_id, role, content, status, model, created_at, writer_pid, writer_started)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (conversation_id, role, content, status, model, now, writer_pid, writer_started),
+            "INSERT INTO messages (conversation_id, role, content, status, model, created_at, writer_pid, writer_started, adapters)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (conversation_id, role, content, status, model, now, writer_pid, writer_started, adapters),
         )
         self._connection.execute(
             "UPDATE conversations SET updated_at = ?, title = CASE WHEN title = '' AND ? = 'user' THEN ? ELSE title END WHERE id = ?",
@@ -236,11 +281,13 @@ class ConversationStore:
         )
         return int(cursor.lastrowid or 0)
 
-    def begin_reply(self, conversation_id: int, user_text: str, model: str = "", clock: Callable[[], float] = time.monotonic) -> ReplyWriter:
-        """Store the user's message and an empty streaming reply to it, in one transaction; the writer fills the reply."""
+    def begin_reply(self, conversation_id: int, user_text: str, model: str = "", adapters: Sequence[AdapterSpec | UsedAdapter] = (),
+                    clock: Callable[[], float] = time.monotonic) -> ReplyWriter:  # fmt: skip
+        """Store the user's message and an empty streaming reply to it, in one transaction; the writer fills the reply.
+        `adapters` are the ones the reply is made with (the model's description.adapters), each at its scale."""
         with self._transaction():
             self._insert_message(conversation_id, "user", user_text, "complete", "")
-            reply_id = self._insert_message(conversation_id, "assistant", "", "streaming", model)
+            reply_id = self._insert_message(conversation_id, "assistant", "", "streaming", model, _adapters_to_json(adapters))
         return ReplyWriter(self, reply_id, clock)
 
     def append_to_message(self, message_id: int, text: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
+from pocketlm.app.widgets.adapter_panel import AttachedAdapter
 from pocketlm.backends.base import ChatModel, GenerationEvent
 from pocketlm.models.errors import PocketError
 from pocketlm.models.progress import ProgressUpdate
@@ -54,4 +55,23 @@ class JobFinished(Message):
         super().__init__()
         self.job = job
         self.result = result
+        self.error = error
+
+
+class AdaptersApplied(Message):
+    """The model now runs with `requested` (the adapter panel's whole set; switched-off ones included)."""
+
+    def __init__(self, model: ChatModel, requested: tuple[AttachedAdapter, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.requested = requested
+
+
+class AdaptersFailed(Message):
+    """The model refused `requested` and kept the adapters it had."""
+
+    def __init__(self, model: ChatModel, requested: tuple[AttachedAdapter, ...], error: PocketError) -> None:
+        super().__init__()
+        self.model = model
+        self.requested = requested
         self.error = error

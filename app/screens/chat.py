@@ -1,4 +1,5 @@
-"""The Chat screen: conversations on the left, the streaming message log, the input and a status line."""
+"""The Chat screen: conversations on the left, the streaming message log, the input and a status line; the LoRA
+adapter panel on the right (F5)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ from textual.widgets import Footer, Header, ListView, Markdown
 from textual.widgets._markdown import MarkdownStream
 
 from pocketlm.app.chat_session import reply
-from pocketlm.app.messages import GenerationFailed, GenerationUpdate, ModelLoaded, ModelLoadFailed
+from pocketlm.app.messages import AdaptersApplied, GenerationFailed, GenerationUpdate, ModelLoaded, ModelLoadFailed
 from pocketlm.app.screens.chat_settings import ChatSettings, ChatSettingsDialog
 from pocketlm.app.screens.dialogs import ConfirmDialog, TextPromptDialog
 from pocketlm.app.model_details import LoadedFacts, device_of
 from pocketlm.app.notify import as_pocket_error, notify_error
 from pocketlm.app.screens.model_picker import ModelPicker, PickedModel
 from pocketlm.app.screens.starter_offer import StarterOffer
+from pocketlm.app.widgets.adapter_panel import AdapterPanel
 from pocketlm.app.widgets.conversation_list import ConversationItem, ConversationList
 from pocketlm.app.widgets.message_log import MessageLog
 from pocketlm.app.widgets.prompt_input import PromptInput
@@ -46,6 +48,7 @@ class ChatScreen(Screen[None]):
         Binding("ctrl+s", "settings", "Settings"),
         Binding("f3", "app.show_models", "Models"),
         Binding("f4", "app.show_convert", "Convert"),
+        Binding("f5", "toggle_adapters", "LoRA"),
     ]
 
     app: PocketApp  # type: ignore[assignment]
@@ -69,6 +72,7 @@ class ChatScreen(Screen[None]):
                 yield MessageLog(id="messages")
                 yield PromptInput(id="prompt", soft_wrap=True, show_line_numbers=False, placeholder="Message (Enter to send, Shift+Enter for a new line)")
                 yield StatusLine(id="status")
+            yield AdapterPanel(lambda: self.generating, id="adapter-panel")
         yield Footer()
 
     @property
@@ -151,8 +155,14 @@ class ChatScreen(Screen[None]):
         if self.generating:
             self.notify("Stop the reply before switching models.", severity="warning")
             return
+        if self.query_one(AdapterPanel).applying:  # the model being changed must not be closed under the worker
+            self.notify("Wait for the adapters to be applied before switching models.", severity="warning")
+            return
+        # The open model is closed once the new one is loaded: from now on the panel must start no worker on it.
+        self.query_one(AdapterPanel).model_closing()
         status = self.query_one(StatusLine)
         status.model_name, status.backend, status.device, status.state = name, "", "", "loading…"
+        status.adapters = ()
         self._load_serial += 1
         self.load_model(name, self._load_serial, backend, chosen)
 
@@ -167,7 +177,7 @@ class ChatScreen(Screen[None]):
     def loading(self) -> bool:
         return self._settled_serial != self._load_serial
 
-    def on_model_loaded(self, message: ModelLoaded) -> None:
+    async def on_model_loaded(self, message: ModelLoaded) -> None:
         if message.serial != self._load_serial:  # a newer request superseded this one
             message.model.close()
             return
@@ -182,18 +192,22 @@ class ChatScreen(Screen[None]):
         status.context_length = message.model.description.context_length
         status.tokens_per_second = None
         status.state = ""
+        status.adapters = message.model.description.adapters
+        await self.query_one(AdapterPanel).model_loaded(message.model)
         for warning in message.model.description.warnings:
             self.notify(warning, title="Model loaded with a warning", severity="warning", timeout=15, markup=False)
         self._update_context_used()
 
-    def on_model_load_failed(self, message: ModelLoadFailed) -> None:
+    async def on_model_load_failed(self, message: ModelLoadFailed) -> None:
         if message.serial != self._load_serial:
             return
         self._settled_serial = message.serial
         status = self.query_one(StatusLine)
-        if self.model is not None:  # the model open before stays open: the status line names it again
+        if self.model is not None:  # the model open before stays open: the status line and the panel take it again
             description = self.model.description
             status.model_name, status.backend, status.device, status.state = description.name, description.backend, self._device, ""
+            status.adapters = description.adapters
+            await self.query_one(AdapterPanel).model_loaded(self.model)
         else:
             status.state = "no model loaded"
         notify_error(self, message.error, title="Could not load the model")
@@ -277,6 +291,29 @@ class ChatScreen(Screen[None]):
         self._update_context_used()
         await self.refresh_conversations()
 
+    # Adapters ---------------------------------------------------------------------------------------------------
+
+    def on_adapters_applied(self, message: AdaptersApplied) -> None:
+        if message.model is self.model:
+            self.query_one(StatusLine).adapters = message.model.description.adapters
+
+    def action_toggle_adapters(self) -> None:
+        panel = self.query_one(AdapterPanel)
+        panel.display = not panel.display
+        if panel.display:
+            panel.query_one("#add-adapter").focus()
+        else:
+            self.query_one(PromptInput).focus()
+
+    async def attach_adapter(self, name: str) -> None:
+        """Attach the stored adapter `name` to the open model (the Models screen's Enter on an adapter)."""
+        if self.model is None:
+            self.notify("Open a model first: adapters attach to the model in Chat.", severity="warning")
+            return
+        panel = self.query_one(AdapterPanel)
+        panel.display = True
+        await panel.attach(name)
+
     # Actions ----------------------------------------------------------------------------------------------------
 
     def action_stop(self) -> None:
@@ -286,6 +323,8 @@ class ChatScreen(Screen[None]):
     def close_model(self) -> None:
         """Cancel any reply, then free the model (closing waits for the stream to end, within a token)."""
         self.action_stop()
+        for panel in self.query(AdapterPanel):  # none once the screen is unmounted
+            panel.model_closing()  # a conversion in progress stops; none starts on this model
         if self.model is not None:
             self.model.close()
             self.model = None

@@ -92,16 +92,21 @@ class ModelsScreen(Screen[None]):
     # Local models ----------------------------------------------------------------------------------------------
 
     @on(LocalModels.OpenRequested)
-    def _open_requested(self, message: LocalModels.OpenRequested) -> None:
-        self._open(message.name)
+    async def _open_requested(self, message: LocalModels.OpenRequested) -> None:
+        await self._open(message.name)
 
-    def action_open_in_chat(self) -> None:
+    async def action_open_in_chat(self) -> None:
         if name := self.selected_local_name():
-            self._open(name)
+            await self._open(name)
 
-    def _open(self, name: str) -> None:
+    async def _open(self, name: str) -> None:
+        """Chat with the model `name`; an adapter is attached to the model open in Chat instead."""
+        chosen = self.app.store.get(name)
         self.app.pop_screen()
-        self.app.chat_screen.begin_loading(name)
+        if chosen is not None and chosen.is_adapter:
+            await self.app.chat_screen.attach_adapter(name)
+        else:
+            self.app.chat_screen.begin_loading(name)
 
     def action_delete_model(self) -> None:
         from pocketlm.models.removal import plan_removal, remove_model

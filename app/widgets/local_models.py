@@ -1,7 +1,13 @@
-"""The local models: a sortable table beside the highlighted model's details and lineage."""
+"""The local models: a sortable table beside the highlighted model's details and lineage.
+
+LoRA adapters are listed under the model they were trained on (store.adapters_of decides which, by name, Hub repo or
+path, up the lineage; adapter_loading.adapters_by_base the one they go under), an adapter's conversions under it; adapters whose base is not in the store come last, under a line naming
+their base. Sorting orders the models, and each keeps its adapters below it.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from textual import on, work
@@ -11,10 +17,10 @@ from textual.content import Content
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
-from pocketlm.app.model_details import default_backend, detail_rows, device_of, known_device, origin, parameters
+from pocketlm.app.model_details import default_backend, detail_rows, device_of, known_device, lineage_chain, origin, parameters
 from pocketlm.app.widgets.cells import cell
 from pocketlm.models.fit import human_bytes
-from pocketlm.models.store import LocalModel
+from pocketlm.models.store import LocalModel, ModelStore
 
 if TYPE_CHECKING:
     from pocketlm.app.pocket_app import PocketApp
@@ -23,6 +29,76 @@ if TYPE_CHECKING:
 _COLUMNS = (("name", "Name"), ("format", "Format"), ("arch", "Arch"), ("params", "Params"), ("quant", "Quant"),
             ("size", "Size"), ("origin", "Origin"))  # fmt: skip
 _NUMERIC = {"params": lambda m: m.parameter_count, "size": lambda m: m.size_bytes}
+_FIELDS = {"name": lambda m: m.name, "format": lambda m: m.format, "arch": lambda m: m.architecture, "quant": lambda m: m.quantization,
+           "origin": origin, **_NUMERIC}  # fmt: skip
+_MISSING_BASE = "\0base:"  # the key of the line naming a base that is not in the store (no model has a NUL in its name)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: a model, an adapter under its base (depth 1) or its conversion (depth 2), or the line
+    naming a base the store lacks (`model` None)."""
+
+    key: str
+    model: LocalModel | None
+    depth: int = 0
+    heading: str = ""
+
+
+def table_rows(store: ModelStore, models: list[LocalModel], sort: tuple[str, bool]) -> list[Row]:
+    """`models` (the store's list) in table order: the models sorted by `sort` (column, descending), each followed by
+    its adapters (adapter_loading.adapters_by_base places each under one model), each adapter by its conversions."""
+    from pocketlm.app.adapter_loading import adapters_by_base
+
+    column, descending = sort
+    field = _FIELDS[column]
+    order = (lambda m: (field(m), m.name.lower())) if column in _NUMERIC else (lambda m: (str(field(m)).lower(), m.name.lower()))
+    bases = sorted((m for m in models if not m.is_adapter), key=order, reverse=descending)  # type: ignore[arg-type]
+    adapters = {m.name: m for m in models if m.is_adapter}
+    conversions: dict[str, list[LocalModel]] = {}
+    for adapter in adapters.values():
+        if adapter.parent in adapters:
+            conversions.setdefault(adapter.parent, []).append(adapter)
+    placed: set[str] = set()
+
+    def with_conversions(adapter: LocalModel) -> list[Row]:
+        placed.add(adapter.name)
+        children = sorted(conversions.get(adapter.name, []), key=lambda m: m.name.lower())
+        placed.update(child.name for child in children)
+        return [Row(adapter.name, adapter, 1), *(Row(child.name, child, 2) for child in children)]
+
+    under = adapters_by_base(store, models)
+    rows: list[Row] = []
+    for base in bases:
+        rows.append(Row(base.name, base))
+        for adapter in under.get(base.name, []):
+            rows += with_conversions(adapter)
+    orphans: dict[str, list[LocalModel]] = {}
+    for adapter in sorted(adapters.values(), key=lambda m: m.name.lower()):
+        if adapter.name not in placed and adapter.parent not in adapters:
+            orphans.setdefault(adapter.base_model or "an unknown base", []).append(adapter)
+    for base_name in sorted(orphans, key=str.lower):
+        rows.append(Row(f"{_MISSING_BASE}{base_name}", None, heading=f"{base_name} (not stored)"))
+        for adapter in orphans[base_name]:
+            rows += with_conversions(adapter)
+    return rows
+
+
+def adapter_rows(store: ModelStore, adapter: LocalModel, bases: list[LocalModel]) -> list[tuple[str, str]]:
+    """What the details say about a LoRA adapter: its format, rank, base and where it came from (the memory and
+    backend rows of a model mean nothing for it). `bases`: the stored models it belongs to (bases_of_adapters)."""
+    rows = [("Format", adapter.format), ("Rank", adapter.quantization.removeprefix("rank ").removeprefix("ranks ") or "?"),
+            ("Base model", adapter.base_model or "unknown"), ("Parameters", parameters(adapter.parameter_count)),
+            ("Size on disk", human_bytes(adapter.size_bytes)), ("Source", adapter.source)]  # fmt: skip
+    names = sorted(base.name for base in bases)
+    rows.append(("Base in the store", ", ".join(names) if names else "none (pull or import it to list the adapter under it)"))
+    if adapter.parent:
+        rows.append(("Made by", adapter.lineage or "conversion"))
+        rows.append(("Lineage", " ← ".join([adapter.name, *lineage_chain(store, adapter)])))
+    if children := store.children_of(adapter.name):
+        rows.append(("Conversions", ", ".join(children)))
+    rows.append(("Use", "Enter attaches it to the model open in Chat"))
+    return rows
 
 
 class LocalModels(Horizontal):
@@ -39,6 +115,9 @@ class LocalModels(Horizontal):
         super().__init__(id=id)
         self._sort: tuple[str, bool] = ("name", False)
         self._asking: set[str] = set()  # backends whose device a worker is finding
+        # Each adapter's stored bases, worked out once per refresh: the details of the highlighted row need them at
+        # every cursor move, and finding them means the whole list and each model's lineage.
+        self._bases: dict[str, list[LocalModel]] = {}
 
     def compose(self) -> ComposeResult:
         yield DataTable(id="local-models", cursor_type="row", zebra_stripes=True)
@@ -51,23 +130,39 @@ class LocalModels(Horizontal):
         self.refresh_models()
 
     def refresh_models(self, select: str | None = None) -> None:
+        """Fill the table from the store in the current order, the cursor kept on `select` or the row it was on."""
         table = self.query_one("#local-models", DataTable)
-        current = select or self.selected_name()
+        current = select or self._cursor_key()
+        from pocketlm.app.adapter_loading import bases_of_adapters
+
         table.clear()
-        for model in self.app.store.list():
-            cells = (model.name, model.format, model.architecture, parameters(model.parameter_count), model.quantization,
-                     human_bytes(model.size_bytes), origin(model))  # fmt: skip
-            table.add_row(*map(cell, cells), key=model.name)
-        self._apply_sort()
+        models = self.app.store.list()
+        self._bases = bases_of_adapters(self.app.store, models)
+        for row in table_rows(self.app.store, models, self._sort):
+            table.add_row(*map(cell, self._cells(row)), key=row.key)
         if current and current in table.rows:
             table.move_cursor(row=table.get_row_index(current))
         self._show_details()
 
-    def selected_name(self) -> str | None:
+    @staticmethod
+    def _cells(row: Row) -> tuple[str, ...]:
+        model = row.model
+        if model is None:
+            return (row.heading, "", "", "", "", "", "")
+        name = "  " * (row.depth - 1) + "└ " + model.name if row.depth else model.name
+        return (name, model.format, model.architecture, parameters(model.parameter_count), model.quantization,
+                human_bytes(model.size_bytes), origin(model))  # fmt: skip
+
+    def _cursor_key(self) -> str | None:
         table = self.query_one("#local-models", DataTable)
         if not table.row_count:
             return None
         return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+
+    def selected_name(self) -> str | None:
+        """The highlighted model's or adapter's store name; None on the line naming a base the store lacks."""
+        key = self._cursor_key()
+        return None if key is None or key.startswith(_MISSING_BASE) else key
 
     def selected(self) -> LocalModel | None:
         name = self.selected_name()
@@ -82,29 +177,22 @@ class LocalModels(Horizontal):
         column, descending = self._sort
         # A new column sorts names A→Z but numbers biggest first; the same column again reverses.
         self._sort = (key, not descending if key == column else key in _NUMERIC)
-        self._apply_sort()
-
-    def _apply_sort(self) -> None:
-        table = self.query_one("#local-models", DataTable)
-        column, descending = self._sort
-        if column in _NUMERIC:
-            models = {m.name: m for m in self.app.store.list()}
-            measure = _NUMERIC[column]
-
-            def sort_key(name: object) -> int:
-                model = models.get(str(name))
-                return measure(model) if model is not None else 0
-
-            table.sort("name", key=sort_key, reverse=descending)
-        else:
-            table.sort(column, key=lambda value: str(value).lower(), reverse=descending)
+        self.refresh_models()  # rebuilt, not DataTable.sort: each model keeps its adapters below it
 
     @on(DataTable.RowHighlighted, "#local-models")
     def _show_details(self) -> None:
         model = self.selected()
         details = self.query_one("#local-details", Static)
         if model is None:
-            details.update("No models yet.\n\nSearch the Hub (Ctrl+F) and pull one, or run `pocketlm import PATH`.")
+            key = self._cursor_key()
+            if key is not None and key.startswith(_MISSING_BASE):
+                details.update(Content.from_markup("Adapters for [b]$base[/b], which is not in the store: pull or import it to use them.",
+                                                   base=key.removeprefix(_MISSING_BASE)))  # fmt: skip
+            else:
+                details.update("No models yet.\n\nSearch the Hub (Ctrl+F) and pull one, or run `pocketlm import PATH`.")
+            return
+        if model.is_adapter:
+            self._show_lines(model, adapter_rows(self.app.store, model, self._bases.get(model.name, [])))
             return
         chat_model = self.app.chat_screen.model
         loaded = self.app.chat_screen.loaded_facts() if chat_model is not None and chat_model.description.name == model.name else None
@@ -113,10 +201,13 @@ class LocalModels(Horizontal):
         if not isinstance(backend, Exception) and known_device(backend) is None and backend.name not in self._asking:
             self._asking.add(backend.name)
             self._find_device(backend)  # the details are redrawn with it once known
+        self._show_lines(model, rows)
+
+    def _show_lines(self, model: LocalModel, rows: list[tuple[str, str]]) -> None:
         # Values go in as $variables: Textual inserts them as written, never as markup.
         lines = [Content.from_markup("[b]$name[/b]", name=model.name), Content("")]
         lines += [Content.from_markup("[dim]$label:[/dim] $value", label=label, value=value) for label, value in rows if label != "Name"]
-        details.update(Content("\n").join(lines))
+        self.query_one("#local-details", Static).update(Content("\n").join(lines))
 
     @work(thread=True, group="device", exit_on_error=False)
     def _find_device(self, backend: type[Backend]) -> None:
@@ -132,4 +223,6 @@ class LocalModels(Horizontal):
     @on(DataTable.RowSelected, "#local-models")
     def _open(self, event: DataTable.RowSelected) -> None:
         event.stop()
-        self.post_message(self.OpenRequested(str(event.row_key.value)))
+        key = str(event.row_key.value)
+        if not key.startswith(_MISSING_BASE):
+            self.post_message(self.OpenRequested(key))

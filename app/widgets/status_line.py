@@ -1,9 +1,13 @@
-"""One line under the chat: model, backend and device, speed of the last reply and how full the context is."""
+"""One line under the chat: model, backend and device, the active LoRA adapters, speed of the last reply and how full
+the context is."""
 
 from __future__ import annotations
 
 from textual.reactive import reactive
 from textual.widgets import Static
+
+from pocketlm.app.history import adapters_label, used_adapters
+from pocketlm.backends.base import AdapterSpec
 
 
 class StatusLine(Static):
@@ -14,6 +18,7 @@ class StatusLine(Static):
     context_used: reactive[int] = reactive(0)
     context_length: reactive[int] = reactive(0)
     state: reactive[str] = reactive("")
+    adapters: reactive[tuple[AdapterSpec, ...]] = reactive(())  # the open model's description.adapters
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, markup=False)  # the model's name is the user's: shown as written, never as markup
@@ -24,6 +29,8 @@ class StatusLine(Static):
             # The device's kind and name only ("CPU", "CUDA: NVIDIA H200"): its size and core count are for the Models screen.
             device = self.device.split(",")[0]
             parts.append(f"{self.backend} on {device}" if device else self.backend)
+        if self.adapters:
+            parts.append("LoRA: " + adapters_label(used_adapters(self.adapters)))  # as the CLI and the history say it
         if self.tokens_per_second is not None:
             parts.append(f"{self.tokens_per_second:.1f} tokens/s")
         if self.context_length:

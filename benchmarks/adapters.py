@@ -15,6 +15,7 @@ quantization, not by the adapter), the timings use the Q4_1 starter model.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import tempfile
@@ -111,7 +112,17 @@ def main() -> None:
     arguments = parser.parse_args()
     from transformers import AutoTokenizer
 
-    console = Console()
+    from pocketlm.backends.library_warnings import quiet_library_warnings
+
+    quiet_library_warnings()
+    from transformers.utils import logging as transformers_logging
+
+    from pocketlm.backends.gptq_runtime import prepare_gptq
+
+    transformers_logging.disable_progress_bar()
+    prepare_gptq()  # peft imports gptqmodel, whose banner would land in the table's output
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # the GGUF writer's per-file notes
+    console = Console(width=170)
     work = Path(tempfile.mkdtemp(prefix="pocketlm-adapter-bench-"))
     adapters = [build_peft_adapter(arguments.checkpoint, work / name, rank=8, alpha=16.0, seed=seed, spread=0.02)
                 for seed, name in enumerate(("style", "facts"))]  # fmt: skip

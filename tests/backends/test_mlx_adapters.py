@@ -275,3 +275,24 @@ def test_a_4_bit_mlx_model_takes_the_adapter_as_mlx_lms_load_adapters_does(mlx_f
         assert worst(quantized.token_logits(TOKENS), expected) < TOLERANCE
     finally:
         quantized.close()
+
+
+def test_the_real_model_with_an_adapter_follows_pefts_greedy_answer(starter_checkpoint: Path, tmp_path: Path) -> None:
+    """SmolLM2-135M on MLX in float32 with a rank-8 q/v PEFT adapter converted to mlx-lm's format: MLX picks PEFT's
+    greedy token at each step of PEFT's answer. Both compute in float32 from the same weights; on this model's logits
+    (up to about 40) summation order leaves differences around 1e-4 (measured 1.3e-4), so 0.01 bounds them, while the
+    adapter moves the logits by about 4; a step may differ only where PEFT's two best logits are within 0.01."""
+    from tests.adapter_fixtures import build_peft_adapter, peft_greedy_answer
+    from tests.fixtures import capital_question
+
+    peft_folder = build_peft_adapter(starter_checkpoint, tmp_path / "peft", rank=8, alpha=16.0, targets=("q_proj", "v_proj"), spread=0.03)
+    answer = peft_greedy_answer(starter_checkpoint, peft_folder, [{"role": m.role, "content": m.content} for m in capital_question()])
+    adapter = convert(peft_folder, starter_checkpoint, tmp_path / "mlx-adapter")
+    model = MLXBackend().load(starter_checkpoint, LoadOptions(context_length=512, adapters=(AdapterSpec(adapter),)))
+    try:
+        got = model.token_logits(answer.tokens)
+    finally:
+        model.close()
+    assert worst(answer.logits, answer.base_logits) > 1.0
+    assert worst(got, answer.logits) < 0.01
+    answer.check_follows(got, "MLX", near_tie=0.01)

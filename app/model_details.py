@@ -123,6 +123,12 @@ def detail_rows(store: ModelStore, model: LocalModel, loaded: LoadedFacts | None
                 device: DeviceLookup | None = None) -> list[tuple[str, str]]:  # fmt: skip
     """Facts about `model` for `info` and the Models screen; `loaded` adds where it runs when it is open in Chat, and
     `device` (device_of, or known_device on a UI thread) which backend would open it by default and on what device."""
+    if model.is_adapter:
+        from pocketlm.app.adapter_loading import bases_of_adapters
+
+        bases = bases_of_adapters(store, store.list()).get(model.name, [])
+        base = bases[0].name if bases else "MODEL"
+        return [("Name", model.name), *adapter_rows(store, model, bases, use=f"pocketlm chat {base} --adapter {model.name}")]
     rows = [("Name", model.name), ("Format", model.format), ("Architecture", model.architecture),
             ("Parameters", parameters(model.parameter_count)), ("Quantization", model.quantization or "-"),
             ("Context length", f"{model.context_length:,}" if model.context_length else "?"),
@@ -147,4 +153,22 @@ def detail_rows(store: ModelStore, model: LocalModel, loaded: LoadedFacts | None
         rows.append(("Opens by default with", opens_with(model, device)))
     if loaded is not None:
         rows.append(("Open in Chat", f"{loaded.backend} on {loaded.device or 'its default device'}, weights as {loaded.weights}"))
+    return rows
+
+
+def adapter_rows(store: ModelStore, adapter: LocalModel, bases: list[LocalModel], use: str) -> list[tuple[str, str]]:
+    """What the details say about a LoRA adapter: its format, rank, base and where it came from (the memory and
+    backend rows of a model mean nothing for it). `bases`: the stored models it belongs to (bases_of_adapters); `use`:
+    how to attach it, in the words of the CLI or the screen."""
+    rows = [("Format", adapter.format), ("Rank", adapter.quantization.removeprefix("rank ").removeprefix("ranks ") or "?"),
+            ("Base model", adapter.base_model or "unknown"), ("Parameters", parameters(adapter.parameter_count)),
+            ("Size on disk", human_bytes(adapter.size_bytes)), ("Source", adapter.source)]  # fmt: skip
+    names = sorted(base.name for base in bases)
+    rows.append(("Base in the store", ", ".join(names) if names else "none (pull or import it to list the adapter under it)"))
+    if adapter.parent:
+        rows.append(("Made by", adapter.lineage or "conversion"))
+        rows.append(("Lineage", " ← ".join([adapter.name, *lineage_chain(store, adapter)])))
+    if children := store.children_of(adapter.name):
+        rows.append(("Conversions", ", ".join(children)))
+    rows.append(("Use", use))
     return rows

@@ -17,7 +17,7 @@ from textual.content import Content
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
-from pocketlm.app.model_details import default_backend, detail_rows, device_of, known_device, lineage_chain, origin, parameters
+from pocketlm.app.model_details import adapter_rows, default_backend, detail_rows, device_of, known_device, origin, parameters
 from pocketlm.app.widgets.cells import cell
 from pocketlm.models.fit import human_bytes
 from pocketlm.models.store import LocalModel, ModelStore
@@ -81,23 +81,6 @@ def table_rows(store: ModelStore, models: list[LocalModel], sort: tuple[str, boo
         rows.append(Row(f"{_MISSING_BASE}{base_name}", None, heading=f"{base_name} (not stored)"))
         for adapter in orphans[base_name]:
             rows += with_conversions(adapter)
-    return rows
-
-
-def adapter_rows(store: ModelStore, adapter: LocalModel, bases: list[LocalModel]) -> list[tuple[str, str]]:
-    """What the details say about a LoRA adapter: its format, rank, base and where it came from (the memory and
-    backend rows of a model mean nothing for it). `bases`: the stored models it belongs to (bases_of_adapters)."""
-    rows = [("Format", adapter.format), ("Rank", adapter.quantization.removeprefix("rank ").removeprefix("ranks ") or "?"),
-            ("Base model", adapter.base_model or "unknown"), ("Parameters", parameters(adapter.parameter_count)),
-            ("Size on disk", human_bytes(adapter.size_bytes)), ("Source", adapter.source)]  # fmt: skip
-    names = sorted(base.name for base in bases)
-    rows.append(("Base in the store", ", ".join(names) if names else "none (pull or import it to list the adapter under it)"))
-    if adapter.parent:
-        rows.append(("Made by", adapter.lineage or "conversion"))
-        rows.append(("Lineage", " ← ".join([adapter.name, *lineage_chain(store, adapter)])))
-    if children := store.children_of(adapter.name):
-        rows.append(("Conversions", ", ".join(children)))
-    rows.append(("Use", "Enter attaches it to the model open in Chat"))
     return rows
 
 
@@ -192,7 +175,7 @@ class LocalModels(Horizontal):
                 details.update("No models yet.\n\nSearch the Hub (Ctrl+F) and pull one, or run `pocketlm import PATH`.")
             return
         if model.is_adapter:
-            self._show_lines(model, adapter_rows(self.app.store, model, self._bases.get(model.name, [])))
+            self._show_lines(model, adapter_rows(self.app.store, model, self._bases.get(model.name, []), use="Enter attaches it to the model open in Chat"))
             return
         chat_model = self.app.chat_screen.model
         loaded = self.app.chat_screen.loaded_facts() if chat_model is not None and chat_model.description.name == model.name else None

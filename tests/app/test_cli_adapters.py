@@ -374,3 +374,10 @@ def test_repl_adapter_failures_are_one_line_and_the_session_goes_on(with_plain: 
     lines = console.export_text().splitlines()
     assert lines[0].startswith("Error: No adapter named 'nosuch'") and lines[1].startswith("Error: 'lots' is not a scale.")
     assert lines[2] == "Adapters: plain ×0.5"
+
+
+def test_info_on_an_adapter_says_what_it_is_and_how_to_attach_it_not_its_memory(with_plain: ModelStore) -> None:
+    shown = pocketlm("info", "plain")
+    assert shown.exit_code == 0, shown.output
+    assert "Rank" in shown.output and f"pocketlm chat {BASE} --adapter plain" in shown.output
+    assert "Memory" not in shown.output and "Opens by default with" not in shown.output

@@ -250,6 +250,8 @@ class LlamaCppChatModel:
         self, messages: list[ChatMessage], sampling: SamplingParams, cancel: threading.Event | None = None
     ) -> Iterator[GenerationEvent]:
         with self._lock:
+            if self._closed:  # the context is freed: decoding on it would crash the process
+                raise closed_model_error(self.description.name)
             yield from stream_reply(self._engine, messages, sampling, cancel or threading.Event())
 
     @contextmanager
@@ -291,5 +293,6 @@ class LlamaCppChatModel:
     def close(self) -> None:
         """Frees the model once no reply is streaming (a running stream is cancelled by its caller first)."""
         with self._lock:
-            self._closed = True
-            self._llm.close()
+            if not self._closed:
+                self._closed = True
+                self._llm.close()

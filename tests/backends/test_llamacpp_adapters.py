@@ -250,11 +250,14 @@ def test_no_tokens_or_more_than_the_context_are_refused_with_a_sentence(tiny_mod
             tiny_model.token_logits(tokens)
 
 
-def test_a_closed_model_refuses_adapters_and_scoring_with_a_sentence(tiny_llama_f32_gguf: Path, gguf_adapters: dict[str, Path]) -> None:
+def test_a_closed_model_refuses_adapters_scoring_and_replies_with_a_sentence(tiny_llama_f32_gguf: Path, gguf_adapters: dict[str, Path]) -> None:
     # Reaching llama.cpp here would read freed memory (the app's adapter panel can race a model switch).
     model = LlamaCppBackend().load(tiny_llama_f32_gguf, LoadOptions(context_length=64))
     model.close()
+    model.close()  # a second close is harmless
     name = model.description.name
+    with pytest.raises(PocketError, match=f"^{name} was closed, so it cannot be used any more"):
+        list(model.stream_chat([ChatMessage("user", "hi")], SamplingParams(temperature=0, max_tokens=2)))
     with pytest.raises(PocketError, match=f"^{name} was closed, so it cannot be used any more"):
         model.set_adapters([AdapterSpec(gguf_adapters["plain"])])
     with pytest.raises(PocketError, match=f"^{name} was closed, so it cannot be used any more"):

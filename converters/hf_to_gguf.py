@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING, ClassVar
 from pocketlm.converters.base import ConversionError, ConversionResult, ConvertOptions, atomic_output, check_cancel, settings_of
 from pocketlm.converters.gguf_settings import OUTTYPE_CHOICES, GGUFSettings
 from pocketlm.converters.gguf_tokenizer import write_tokenizer
-from pocketlm.models.errors import ModelFileError
 from pocketlm.models.formats import checkpoint_weight_files
 from pocketlm.models.progress import ProgressCallback, ProgressUpdate
-from pocketlm.models.safetensors_header import read_safetensors_header
+from pocketlm.models.safetensors_header import TensorEntry, read_float_tensor, read_safetensors_header
 
 # numpy (and the architecture tables, which need it) load when a conversion runs: the registry imports this module
 # for `pocketlm convert --help`, which must stay fast.
@@ -39,13 +38,21 @@ _SKIPPED = (".rotary_emb.inv_freq",)
 
 @dataclass(frozen=True)
 class _Tensor:
-    source_name: str
     gguf_name: str
     file: Path
-    offset: int
-    size: int
-    dtype: str
-    shape: tuple[int, ...]
+    entry: TensorEntry  # its name in the checkpoint, dtype, shape and bytes in `file`
+
+    @property
+    def source_name(self) -> str:
+        return self.entry.name
+
+    @property
+    def dtype(self) -> str:
+        return self.entry.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape
 
 
 class HfToGGUF:
@@ -107,7 +114,7 @@ class HfToGGUF:
             writer.write_ti_data_to_file()
             for done, (tensor, qtype) in enumerate(planned, start=1):
                 check_cancel(options)
-                data = architecture.transform(tensor.source_name, _load(tensor), config)
+                data = architecture.transform(tensor.source_name, read_float_tensor(tensor.file, tensor.entry), config)
                 writer.write_tensor_data(gguf.quants.quantize(np.ascontiguousarray(data), qtype))
                 on_progress(ProgressUpdate(description, done, len(tensors)))
             for _, data in extra:
@@ -189,24 +196,8 @@ def _tensors(folder: Path, config: Config, arch: object, architecture: Architect
         if gguf_name is None:
             raise ConversionError(f"{path.name} holds a tensor pocketlm does not know how to place: {entry.name}.",
                                   "This checkpoint has parts its architecture's converter does not expect.")  # fmt: skip
-        tensors.append(_Tensor(entry.name, gguf_name, path, entry.offset, entry.size, entry.dtype, entry.shape))
+        tensors.append(_Tensor(gguf_name, path, entry))
     return tensors
-
-
-def _load(tensor: _Tensor) -> np.ndarray:
-    """The tensor as float32, read through a memory map (only its own bytes are touched)."""
-    import numpy as np
-
-    raw = np.memmap(tensor.file, mode="r", dtype=np.uint8, offset=tensor.offset, shape=(tensor.size,))
-    if tensor.dtype == "F32":
-        data = raw.view(np.float32)
-    elif tensor.dtype == "F16":
-        data = raw.view(np.float16).astype(np.float32)
-    elif tensor.dtype == "BF16":
-        data = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    else:
-        raise ModelFileError(f"Tensor {tensor.source_name} is {tensor.dtype}; only F32, F16 and BF16 checkpoints can be converted.")
-    return data.reshape(tensor.shape)
 
 
 def _output_type(name: str, shape: tuple[int, ...], outtype: str) -> object:

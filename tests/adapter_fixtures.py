@@ -18,9 +18,12 @@ ATTENTION_AND_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 def build_peft_adapter(base: Path, destination: Path, *, rank: int = 4, alpha: float = 8.0, use_rslora: bool = False,
                        targets: tuple[str, ...] = ATTENTION_AND_MLP, rank_pattern: dict[str, int] | None = None,
                        alpha_pattern: dict[str, float] | None = None, layers: list[int] | None = None, seed: int = 0,
-                       spread: float = 0.05, dtype: str = "float32", use_dora: bool = False) -> Path:  # fmt: skip
+                       spread: float = 0.05, dtype: str = "float32", use_dora: bool = False,
+                       save_embedding_layers: bool | str = "auto") -> Path:  # fmt: skip
     """A LoRA on the checkpoint at `base`, saved by PEFT's save_pretrained into `destination`; A and B drawn from
-    N(0, spread²) so the adapter moves the logits by a visible amount without drowning the base model."""
+    N(0, spread²) so the adapter moves the logits by a visible amount without drowning the base model.
+    `save_embedding_layers` is save_pretrained's: "auto" saves an adapted lm_head's or embedding's whole base weight
+    beside the LoRA, as a user's adapter has it; False keeps the LoRA matrices alone."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -36,7 +39,7 @@ def build_peft_adapter(base: Path, destination: Path, *, rank: int = 4, alpha: f
             if "lora_A" in name or "lora_B" in name:
                 parameter.normal_(0.0, spread)
     peft_model.to(getattr(torch, dtype))
-    peft_model.save_pretrained(destination)
+    peft_model.save_pretrained(destination, save_embedding_layers=save_embedding_layers)
     config_path = destination / "adapter_config.json"
     # PEFT writes the absolute path of a local base; a Hub-trained adapter names a repo id. Keep the test's the latter's shape.
     import json

@@ -136,12 +136,8 @@ def test_an_adapter_gguf_is_not_a_base(tiny_adapters: dict[str, Path], tiny_llam
 def test_lm_head_on_a_tied_base_is_refused_with_a_sentence(tiny_llama: Path, tmp_path: Path) -> None:
     from tests.converters.tiny_models import build_tiny_model
 
-    from safetensors.numpy import load_file, save_file
-
-    peft = build_peft_adapter(tiny_llama, tmp_path / "head", targets=("q_proj", "lm_head"))
     # PEFT also saves lm_head's own weight when it adapts it (save_embedding_layers="auto"); a LoRA-only save has not.
-    weights = peft / "adapter_model.safetensors"
-    save_file({k: v for k, v in load_file(weights).items() if "base_layer" not in k}, weights)
+    peft = build_peft_adapter(tiny_llama, tmp_path / "head", targets=("q_proj", "lm_head"), save_embedding_layers=False)
     _, tensors, _ = read(convert(peft, tiny_llama, tmp_path / "untied.gguf"))
     assert tensors["output.weight.lora_b"].shape == (600, 4)  # an untied base has an output matrix to adapt
     tied = build_tiny_model("llama-tied", tmp_path / "tied", tiny_llama, vocab_size=600)
@@ -151,11 +147,7 @@ def test_lm_head_on_a_tied_base_is_refused_with_a_sentence(tiny_llama: Path, tmp
 
 def test_an_embedding_lora_is_refused_with_a_sentence(tiny_llama: Path, tmp_path: Path) -> None:
     """llama.cpp's token embedding LoRA has its own layout (A and B swapped); pocketlm does not write it yet."""
-    from safetensors.numpy import load_file, save_file
-
-    peft = build_peft_adapter(tiny_llama, tmp_path / "embed", targets=("embed_tokens",))
-    weights = peft / "adapter_model.safetensors"
-    save_file({k: v for k, v in load_file(weights).items() if "base_layer" not in k}, weights)  # the LoRA matrices alone
+    peft = build_peft_adapter(tiny_llama, tmp_path / "embed", targets=("embed_tokens",), save_embedding_layers=False)  # the LoRA matrices alone
     with pytest.raises(AdapterError, match="embed_tokens") as refusal:
         convert(peft, tiny_llama, tmp_path / "x.gguf")
     assert refusal.value.hint

@@ -14,7 +14,7 @@ from pocketlm.models.adapter_fit import check_adapter_fits
 from pocketlm.models.peft_adapter import AdapterError, read_peft_adapter
 from pocketlm.models.progress import ignore_progress
 from tests.adapter_fixtures import build_peft_adapter
-from tests.converters.tiny_models import SMALL, rewrite_safetensors_header
+from tests.converters.tiny_models import SMALL
 
 
 def tiny_base(destination: Path, config_class: str = "LlamaConfig", **changes: object) -> Path:
@@ -131,8 +131,7 @@ def test_an_adapter_on_lm_head_fits_a_base_whose_head_is_its_tied_embedding(tiny
     # The tied base has no lm_head.weight; its embedding (vocab × hidden) is the head it multiplies by. PEFT saves the
     # head's whole base weight beside the LoRA when lm_head is a target (save_embedding_layers="auto"), which
     # read_peft_adapter refuses; save_pretrained(save_embedding_layers=False) leaves it out, as done here.
-    folder = build_peft_adapter(tiny_llama, tmp_path / "head-adapter", targets=("lm_head", "q_proj"))
-    rewrite_safetensors_header(folder / "adapter_model.safetensors", lambda header: header.pop("base_model.model.lm_head.base_layer.weight"))
+    folder = build_peft_adapter(tiny_llama, tmp_path / "head-adapter", targets=("lm_head", "q_proj"), save_embedding_layers=False)
     adapter = read_peft_adapter(folder)
     assert "lm_head" in {m.module for m in adapter.modules}
     check_adapter_fits(adapter, tiny_base(tmp_path / "tied", tie_word_embeddings=True))

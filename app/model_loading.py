@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pocketlm.app.history import ConversationStore
-from pocketlm.backends.base import AdapterSpec, ChatModel, LoadOptions
+from pocketlm.backends.base import AdapterSpec, ChatModel, LoadOptions, with_adapters
 from pocketlm.backends.registry import backend_for
 from pocketlm.models.model_reference import find_model
 from pocketlm.models.progress import ProgressCallback, ignore_progress
@@ -34,13 +34,7 @@ def load_model(choice: ModelChoice, options: LoadOptions, backend: str | None = 
     model = backend_for(choice.format, backend).load(choice.path, options)
     # Users know a model by its store name; the backend only saw a file.
     model.description = replace(model.description, name=choice.name)
-    if adapters:
-        try:
-            model.set_adapters(adapters)
-        except BaseException:
-            model.close()
-            raise
-    return model
+    return with_adapters(model, adapters)
 
 
 def backend_name(choice: ModelChoice, backend: str | None = None) -> str:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
 from pocketlm.models.errors import PocketError
 from pocketlm.models.peft_adapter import AdapterError
@@ -167,6 +167,21 @@ class ChatModel(Protocol):
     def close(self) -> None:
         """Free the model's memory; the object is unusable afterwards."""
         ...
+
+
+LoadedModel = TypeVar("LoadedModel", bound=ChatModel)
+
+
+def with_adapters(model: LoadedModel, adapters: Sequence[AdapterSpec]) -> LoadedModel:
+    """`model` with `adapters` made its active set (LoadOptions.adapters, or the app's choice after a load). A set it
+    refuses closes it first: a model nobody holds must not keep its memory."""
+    if adapters:
+        try:
+            model.set_adapters(adapters)
+        except BaseException:
+            model.close()
+            raise
+    return model
 
 
 def closed_model_error(model_name: str) -> PocketError:

@@ -21,6 +21,7 @@ from pocketlm.backends.base import (
     SamplingParams,
     closed_model_error,
     require_token_count,
+    with_adapters,
 )
 from pocketlm.backends.chat_template import ChatFormat, RenderedPrompt
 from pocketlm.backends.llamacpp_probe import ensure_llama_cpp_survives
@@ -92,13 +93,7 @@ class LlamaCppBackend:
                 "The file may be damaged, or of an architecture this llama.cpp build does not support.",
             ) from None
         model = LlamaCppChatModel(llm, summary, context_length, _placement(gpu_layers))
-        if options.adapters:
-            try:
-                model.set_adapters(options.adapters)
-            except BaseException:
-                model.close()
-                raise
-        return model
+        return with_adapters(model, options.adapters)
 
     @staticmethod
     def _create(llama_class: type[Llama], settings: dict) -> Llama:  # type: ignore[type-arg]

@@ -27,6 +27,7 @@ from pocketlm.backends.base import (
     SamplingParams,
     closed_model_error,
     require_token_count,
+    with_adapters,
 )
 from pocketlm.backends.hf_chat import HFTokenizerChat
 from pocketlm.backends.hf_tokenizer import HFChatTokens, generation_config_end_ids
@@ -129,13 +130,7 @@ class MLXBackend:
             require_fit(estimate_torch_memory(config, weights, DTYPE_BYTES[dtype], context_length, "cpu"), model_path.name)
         model, tokenizer = _load(mx, model_path, config, facts, getattr(mx, dtype), options.trust_remote_code)
         chat = MLXChatModel(model, tokenizer, config, facts, model_path.name, device, dtype, context_length)
-        if options.adapters:
-            try:
-                chat.set_adapters(options.adapters)
-            except BaseException:
-                chat.close()
-                raise
-        return chat
+        return with_adapters(chat, options.adapters)
 
 
 def _import_mlx() -> Any:

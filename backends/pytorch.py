@@ -28,6 +28,7 @@ from pocketlm.backends.base import (
     SamplingParams,
     closed_model_error,
     require_token_count,
+    with_adapters,
 )
 from pocketlm.backends.gptq_runtime import prepare_gptq
 from pocketlm.backends.hf_chat import HFTokenizerChat
@@ -119,13 +120,7 @@ class TorchBackend:
             _set_threads_once(torch, options.threads or engine_threads(options.beside_ui))
         model, tokenizer = _load(torch, model_path, facts, device, getattr(torch, dtype_name), options.trust_remote_code)
         chat_model = TorchChatModel(model, tokenizer, facts, model_path, device, dtype_name, context_length)
-        if options.adapters:
-            try:
-                chat_model.set_adapters(options.adapters)
-            except BaseException:
-                chat_model.close()  # a refused adapter must not keep the model's memory
-                raise
-        return chat_model
+        return with_adapters(chat_model, options.adapters)
 
 
 _threads_lock = threading.Lock()

@@ -9,7 +9,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from pocketlm.models.errors import ModelFileError
-from pocketlm.models.gguf_info import read_gguf, read_gguf_header, read_gguf_type
+from pocketlm.models.gguf_info import read_gguf, read_gguf_header
 from pocketlm.models.gguf_quants import SPLIT_PART
 from pocketlm.models.mlx_adapter import is_mlx_adapter_config, read_mlx_adapter
 from pocketlm.models.peft_adapter import read_peft_adapter
@@ -83,23 +83,6 @@ def read_gptq_facts(folder: Path) -> GPTQFacts | None:
     group = quant_config.get("group_size", 128)
     group_size = -1 if group == -1 else _whole(group, 128)
     return GPTQFacts(_whole(quant_config.get("bits"), 4), group_size, quant_config.get("desc_act") is True)
-
-
-def adapter_format(path: Path) -> ModelFormat | None:
-    """The adapter format of the file or folder at `path` — GGUF_LORA, MLX_LORA or PEFT_LORA — or None when it is no
-    adapter (a model, or nothing at all). Cheap: a GGUF's metadata up to general.type, or a folder's
-    adapter_config.json; the adapter is not checked (read_peft_adapter / read_mlx_adapter refuse a damaged one)."""
-    path = Path(path)
-    if path.is_file():
-        return ModelFormat.GGUF_LORA if read_gguf_type(path) == "adapter" else None
-    config_path = path / "adapter_config.json"
-    if not config_path.is_file():
-        return None
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        config = None  # damaged: PEFT's reader says so, in its sentence
-    return ModelFormat.MLX_LORA if isinstance(config, dict) and is_mlx_adapter_config(config) else ModelFormat.PEFT_LORA
 
 
 def checkpoint_weight_files(names: list[str]) -> list[str]:

@@ -234,50 +234,6 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     return header
 
 
-def read_gguf_type(path: Path) -> str | None:
-    """`path`'s general.type ("model" when unset, as llama.cpp takes it; "adapter" for a LoRA), reading the metadata
-    only up to that key, without decoding values on the way; None for a file that is not a GGUF or whose header
-    cannot be walked (read_gguf says what is wrong with it)."""
-    path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            if handle.read(4) != GGUF_MAGIC:
-                return None
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                cursor = _HeaderCursor(data)
-                cursor.offset = 16  # magic, version, tensor count
-                kv_count = cursor.unpack("Q")
-                for _ in range(min(kv_count, len(data))):
-                    key = cursor.string()
-                    value_type = cursor.unpack("I")
-                    if key == "general.type" and value_type == _STRING:
-                        return cursor.string()
-                    _skip_value(cursor, value_type)
-    except (OSError, ValueError, _Truncated, struct.error):
-        return None
-    return "model"
-
-
-def _skip_value(cursor: _HeaderCursor, value_type: int) -> None:
-    if value_type == _STRING:
-        cursor.skip_string()
-    elif value_type in _SCALAR_FORMATS:
-        cursor.offset += struct.calcsize(_SCALAR_FORMATS[value_type])
-    elif value_type == _ARRAY:
-        item_type, count = cursor.unpack("I"), cursor.unpack("Q")
-        if item_type == _STRING:
-            for _ in range(min(count, len(cursor.data))):
-                cursor.skip_string()
-        elif item_type in _SCALAR_FORMATS:
-            cursor.offset += struct.calcsize(_SCALAR_FORMATS[item_type]) * count
-        else:
-            raise ValueError(f"array of value type {item_type}")
-    else:
-        raise ValueError(f"value type {value_type}")
-    if cursor.offset > len(cursor.data):
-        raise _Truncated
-
-
 def _summarise(path: Path, header: GGUFHeader) -> GGUFSummary:
     from gguf.constants import LlamaFileType
 

@@ -110,31 +110,3 @@ def test_an_mlx_folder_made_with_a_mixed_recipe_says_mixed_and_the_bits_it_uses(
     facts = inspect_model(mlx_folder(tmp_path / "m", quantization, tensors))
     assert facts.format == ModelFormat.MLX and facts.quantization == "mixed 3/6-bit g64"
     assert facts.parameter_count == 2 * 64 * 64  # each layer unpacked at its own bits, not the top-level 4
-
-
-def test_adapter_format_tells_the_three_kinds_from_models_and_other_files(tiny_adapters: dict[str, Path], tiny_llama: Path,
-                                                                           tiny_llama_f32_gguf: Path, tmp_path: Path) -> None:  # fmt: skip
-    from pocketlm.models.formats import adapter_format
-
-    mlx = tmp_path / "mlx"
-    mlx.mkdir()
-    (mlx / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "lora_parameters": {"rank": 8, "scale": 20.0}}))
-    (tmp_path / "notes.txt").write_text("GGU")
-    assert adapter_format(write_lora_gguf(tmp_path / "adapter.gguf")) == ModelFormat.GGUF_LORA
-    assert adapter_format(tiny_adapters["plain"]) == ModelFormat.PEFT_LORA
-    assert adapter_format(mlx) == ModelFormat.MLX_LORA
-    for not_an_adapter in (tiny_llama_f32_gguf, tiny_llama, tmp_path / "notes.txt", tmp_path / "nowhere", tmp_path):
-        assert adapter_format(not_an_adapter) is None, not_an_adapter
-
-
-def test_adapter_format_stops_reading_a_gguf_at_its_type(tmp_path: Path) -> None:
-    """A GGUF truncated after general.type still says what it is: the rest of its header is never walked."""
-    adapter = write_lora_gguf(tmp_path / "adapter.gguf")
-    data = adapter.read_bytes()
-    cut = data.index(b"adapter", data.index(b"general.type")) + len(b"adapter")
-    (tmp_path / "cut.gguf").write_bytes(data[:cut])
-    from pocketlm.models.formats import adapter_format
-
-    assert adapter_format(tmp_path / "cut.gguf") == ModelFormat.GGUF_LORA
-    (tmp_path / "cut-early.gguf").write_bytes(data[:20])
-    assert adapter_format(tmp_path / "cut-early.gguf") is None

@@ -157,13 +157,15 @@ def adapter_spec_for(store: ModelStore, query: str, scale: float, backend_name: 
     registered as a child. A PEFT adapter is checked against the base (models/adapter_fit.check_adapter_fits) first."""
     scale = checked_scale(scale)
     candidate = Path(query).expanduser()
-    if candidate.exists() and not store.models_at(candidate):
+    first_time = candidate.exists() and not store.models_at(candidate)
+    if first_time:
         from pocketlm.app.adapter_import import adapter_facts, check_against
 
         # A folder named for the first time: one that does not fit this model is refused before it is registered.
         check_against(str(adapter_facts(candidate).format), candidate, base)
     adapter = find_adapter(store, query)
-    check_fits(adapter, base)
+    if not first_time:  # a first-time folder was checked just above, before find_adapter registered it
+        check_fits(adapter, base)
     taken = backend_adapter_formats(backend_name)
     if adapter.format in taken:
         return AdapterSpec(adapter.path, scale, adapter.name)

@@ -64,6 +64,9 @@ class LoadOptions:
     force: bool = False  # load even when the memory estimate says it will not fit
     beside_ui: bool = False  # the app's UI thread shares the cores: an engine whose threads wait for each other keeps one free
     trust_remote_code: bool = False  # run a checkpoint's own Python code (transformers); only when the user asks
+    # llama.cpp: open a GGUF not opened before in a child process first (llamacpp_probe); off where the caller already
+    # runs in a child that a native abort may kill (the bench's cells), so that the load is timed alone.
+    probe_crashes: bool = True
 
 
 @dataclass(frozen=True)
@@ -104,9 +107,13 @@ class Notice:
 class GenerationStats:
     prompt_tokens: int
     generated_tokens: int
-    time_to_first_token_s: float
-    generation_s: float
+    time_to_first_token_s: float  # from the call to the first token: fitting, rendering, prefill and the first sample
+    generation_s: float  # from the first token to the last
     stop_reason: StopReason
+    # Of prompt_tokens, those the engine computed for this reply; the rest came from its cache (llama.cpp reuses the
+    # prefix a conversation's previous reply left), so prompt processing speed is over these only.
+    prompt_evaluated_tokens: int = 0
+    prefill_s: float = 0.0  # evaluating those tokens and sampling the first token: prompt processing alone
 
     @property
     def tokens_per_second(self) -> float:
@@ -114,6 +121,36 @@ class GenerationStats:
         if self.generated_tokens <= 1 or self.generation_s <= 0:
             return 0.0
         return (self.generated_tokens - 1) / self.generation_s
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        """Prompt processing speed: the tokens evaluated over the prefill's time (0.0 when either is 0)."""
+        if self.prompt_evaluated_tokens <= 0 or self.prefill_s <= 0:
+            return 0.0
+        return self.prompt_evaluated_tokens / self.prefill_s
+
+
+@dataclass(frozen=True)
+class EngineTimings:
+    """The engine's own count of the latest reply's work, without pocketlm's Python around it (llama.cpp:
+    llama_perf_context), to set beside GenerationStats' figures."""
+
+    prompt_tokens: int  # tokens evaluated in batches (the prompt)
+    prompt_s: float
+    generated_tokens: int  # tokens decoded one at a time (llama.cpp's n_eval): a reply's tokens but its last
+    generation_s: float
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        if self.prompt_tokens <= 0 or self.prompt_s <= 0:
+            return 0.0
+        return self.prompt_tokens / self.prompt_s
+
+    @property
+    def tokens_per_second(self) -> float:
+        if self.generated_tokens <= 0 or self.generation_s <= 0:
+            return 0.0
+        return self.generated_tokens / self.generation_s
 
 
 GenerationEvent = TextPiece | ContextTrimmed | Notice | GenerationStats
@@ -164,8 +201,41 @@ class ChatModel(Protocol):
         closed_model_error."""
         ...
 
+    def tokenize(self, text: str) -> list[int]:
+        """`text` as a document, no chat template: the model's BOS first where its tokenizer adds one (a GGUF's
+        add_bos_token; a transformers tokenizer that adds it itself), control-token strings in it tokenized as text."""
+        ...
+
+    def chat_prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
+        """The ids stream_chat would evaluate for `messages` before any fitting (prompt_tokens is their count)."""
+        ...
+
+    def stream_tokens(
+        self, prompt: Sequence[int], sampling: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[GenerationEvent]:
+        """Continue `prompt` (ids: no template, no fitting) down stream_chat's own decode path, every prompt token
+        evaluated (no cached prefix reused), for measurements: TextPieces, then GenerationStats. The prompt holds 1
+        to context_length - 1 tokens (require_token_count's PocketError otherwise); the reply stops at max_tokens or
+        at the context's end. On a closed model: closed_model_error."""
+        ...
+
+    def log_likelihood(self, tokens: Sequence[int]) -> np.ndarray:
+        """ln p(tokens[i] | tokens[:i]) for i = 1 .. n-1 (n-1 float64 values), computed from scratch with the active
+        adapters from the logits token_logits gives: for perplexity. 2 to context_length tokens (require_token_count's
+        PocketError otherwise). On a closed model: closed_model_error."""
+        ...
+
     def close(self) -> None:
         """Free the model's memory; the object is unusable afterwards."""
+        ...
+
+
+@runtime_checkable
+class ReportsEngineTimings(Protocol):
+    """A ChatModel whose engine times its own work (llama.cpp)."""
+
+    def engine_timings(self) -> EngineTimings:
+        """The engine's counters since the latest reply (stream_chat or stream_tokens) started."""
         ...
 
 
@@ -189,11 +259,14 @@ def closed_model_error(model_name: str) -> PocketError:
     return PocketError(f"{model_name} was closed, so it cannot be used any more.", "Load the model again.")
 
 
-def require_token_count(tokens: Sequence[int], context_length: int) -> None:
-    """Refuse, as every backend's token_logits does, no tokens or more than the loaded context holds."""
-    if not 0 < len(tokens) <= context_length:
-        raise PocketError(f"token_logits takes 1 to {context_length} tokens (the loaded context), not {len(tokens)}.",
-                          "Score a shorter text, or load the model with a larger --ctx.")  # fmt: skip
+def require_token_count(tokens: Sequence[int], context_length: int, method: str = "token_logits", fewest: int = 1, room: int = 0) -> None:
+    """Refuse, as every backend's token_logits (log_likelihood: 2 at least; stream_tokens: 1 token of room for the
+    reply) does, fewer than `fewest` tokens or more than the loaded context holds."""
+    most = context_length - room
+    if not fewest <= len(tokens) <= most:
+        bound = "the loaded context" if not room else f"the loaded context of {context_length} less {room} for the reply"
+        raise PocketError(f"{method} takes {fewest} to {most} tokens ({bound}), not {len(tokens)}.",
+                          "Give fewer tokens, or load the model with a larger --ctx.")  # fmt: skip
 
 
 def refuse_repeated_adapters(adapters: Sequence[AdapterSpec]) -> None:

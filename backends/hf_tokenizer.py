@@ -60,6 +60,10 @@ class HFChatTokens:
         """`text` as text: control-token strings in it are split like any other characters."""
         return self._tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
+    def tokenize(self, text: str) -> list[int]:
+        """`text` as a document: the BOS first where the tokenizer adds one itself, then the text as text."""
+        return ([self._bos_id] if self._bos_id is not None else []) + self.tokenize_text(text)
+
     def render(self, messages: list[ChatMessage]) -> list[int]:
         """The prompt's ids for `messages`, ready for the model to reply to."""
         prompt = self.format.render(messages)

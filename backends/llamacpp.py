@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 from pocketlm.backends.base import (
     AdapterSpec,
     ChatMessage,
+    EngineTimings,
     GenerationEvent,
     LoadOptions,
     ModelDescription,
@@ -25,7 +26,7 @@ from pocketlm.backends.base import (
 )
 from pocketlm.backends.chat_template import ChatFormat, RenderedPrompt
 from pocketlm.backends.llamacpp_probe import ensure_llama_cpp_survives
-from pocketlm.backends.streaming import BytePieces, PromptTokenizer, ReplyEngine, TokenSteps, stream_reply
+from pocketlm.backends.streaming import BytePieces, PromptTokenizer, ReplyEngine, TokenSteps, stream_prompt, stream_reply
 from pocketlm.backends.threads import engine_threads
 from pocketlm.models.errors import ModelFileError, PocketError
 from pocketlm.models.fit import DEFAULT_CONTEXT_LENGTH, estimate_gguf_memory, physical_cores, require_fit
@@ -71,7 +72,8 @@ class LlamaCppBackend:
         threads = options.threads or engine_threads(options.beside_ui)
         # llama.cpp aborts the whole process on some damage no header check foresees: a file it has never opened on
         # this machine is opened in a child process first, which dies in our place (ModelFileError with its reason).
-        ensure_llama_cpp_survives(model_path, gpu_layers, threads)
+        if options.probe_crashes:
+            ensure_llama_cpp_survives(model_path, gpu_layers, threads)
 
         from llama_cpp import Llama
 
@@ -231,8 +233,22 @@ class LlamaCppChatModel:
     def prompt_tokens(self, messages: list[ChatMessage]) -> int:
         return len(self._render(messages))
 
+    def chat_prompt_tokens(self, messages: list[ChatMessage]) -> list[int]:
+        self._require_open()
+        return self._render(messages)
+
     def count_tokens(self, text: str) -> int:
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def tokenize(self, text: str) -> list[int]:
+        """See ChatModel.tokenize: the GGUF's add_bos_token decides the BOS, as for a chat prompt."""
+        self._require_open()
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=self._summary.add_bos_token, special=False)
+
+    def _require_open(self) -> None:
+        # Read without the lock: tokenizing reads the vocabulary only, which a streaming reply leaves alone.
+        if self._closed:
+            raise closed_model_error(self.description.name)
 
     def _piece(self, token: int) -> bytes:
         length = self._token_to_piece(self._vocab, token, self._piece_buffer, len(self._piece_buffer), 0, False)
@@ -249,11 +265,43 @@ class LlamaCppChatModel:
                 raise closed_model_error(self.description.name)
             yield from stream_reply(self._engine, messages, sampling, cancel or threading.Event())
 
+    def stream_tokens(
+        self, prompt: Sequence[int], sampling: SamplingParams, cancel: threading.Event | None = None
+    ) -> Iterator[GenerationEvent]:
+        """See ChatModel.stream_tokens: the cache is emptied first, so the prefill decodes every prompt token."""
+        with self._lock:
+            if self._closed:
+                raise closed_model_error(self.description.name)
+            self._loop.forget()
+            yield from stream_prompt(self._engine, prompt, sampling, cancel or threading.Event())
+
+    def engine_timings(self) -> EngineTimings:
+        """See ReportsEngineTimings: llama_perf_context, reset when each reply's prefill starts. llama.cpp counts a
+        batch of one token as generation, so a prefill of one token is left out (counted neither as prompt nor as
+        generation: reset again after it); a reply's tokens but its last are decoded (the last is sampled, never fed back)."""
+        import llama_cpp
+
+        with self._lock:
+            if self._closed:
+                raise closed_model_error(self.description.name)
+            data = llama_cpp.llama_perf_context(self._llm._ctx.ctx)
+        # llama_perf_context reports a count of 0 as 1 (max(1, n)): a count without time is none.
+        return EngineTimings(prompt_tokens=data.n_p_eval if data.t_p_eval_ms > 0 else 0, prompt_s=data.t_p_eval_ms / 1000,
+                             generated_tokens=data.n_eval if data.t_eval_ms > 0 else 0, generation_s=data.t_eval_ms / 1000)  # fmt: skip
+
     @contextmanager
     def _decoding(self, prompt: list[int], sampling: SamplingParams) -> Iterator[TokenSteps]:
+        import llama_cpp
+
         from pocketlm.backends.llamacpp_decoding import Sampler
 
-        self._loop.prefill(prompt)
+        llama_cpp.llama_perf_context_reset(self._llm._ctx.ctx)  # engine_timings counts this reply only
+        evaluated = self._loop.prefill(prompt)
+        if evaluated == 1:
+            # llama.cpp counts a one-token batch as generation, when the batch's work is waited for: wait for it now
+            # and start the counters again, so that they hold the reply's decodes alone.
+            llama_cpp.llama_synchronize(self._llm._ctx.ctx)
+            llama_cpp.llama_perf_context_reset(self._llm._ctx.ctx)
         sampler = Sampler(sampling, _RANDOM_SEED if sampling.seed is None else sampling.seed, self._n_vocab)
         try:
             yield TokenSteps(
@@ -261,6 +309,7 @@ class LlamaCppChatModel:
                 is_end=lambda token: self._is_eog(self._vocab, token),
                 advance=self._loop.advance,
                 text=BytePieces(self._piece),
+                prompt_evaluated=evaluated,
             )
         finally:
             sampler.close()
@@ -284,6 +333,17 @@ class LlamaCppChatModel:
                 raise closed_model_error(self.description.name)
             require_token_count(tokens, self._context_length)
             return self._loop.score(list(tokens), self._n_vocab)
+
+    def log_likelihood(self, tokens: Sequence[int]) -> np.ndarray:
+        """See ChatModel.log_likelihood: the last token's logits predict nothing scored, so they are not computed."""
+        from pocketlm.backends.scoring import token_log_probabilities
+
+        with self._lock:
+            if self._closed:
+                raise closed_model_error(self.description.name)
+            require_token_count(tokens, self._context_length, "log_likelihood", fewest=2)
+            logits = self._loop.score(list(tokens[:-1]), self._n_vocab)
+        return token_log_probabilities(logits, tokens[1:])
 
     def close(self) -> None:
         """Frees the model once no reply is streaming (a running stream is cancelled by its caller first)."""

@@ -331,6 +331,7 @@ class MLXChatModel(HFTokenizerChat):
                 is_end=self._tokens.end_ids.__contains__,
                 advance=decoder.advance,
                 text=WindowDecoder(self._tokens.decode),
+                prompt_evaluated=len(prompt),  # a fresh cache every reply
             )
         finally:
             del decoder

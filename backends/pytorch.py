@@ -343,6 +343,7 @@ class TorchChatModel(HFTokenizerChat):
             is_end=self._tokens.end_ids.__contains__,
             advance=advance,
             text=WindowDecoder(self._tokens.decode),
+            prompt_evaluated=len(prompt),  # a fresh cache every reply
         )
 
     def _forward(self, tokens: torch.Tensor, cache: Any) -> torch.Tensor:

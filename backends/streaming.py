@@ -9,7 +9,7 @@ import codecs
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,6 +23,7 @@ from pocketlm.backends.base import (
     SamplingParams,
     StopReason,
     TextPiece,
+    require_token_count,
 )
 from pocketlm.backends.chat_template import RenderedPrompt
 from pocketlm.backends.context_window import fit_conversation
@@ -122,11 +123,12 @@ class TokenSteps:
     is_end: Callable[[int], bool]  # an end-of-generation token
     advance: Callable[[int], None]  # feed the token back, so the next sample follows it
     text: Detokenizer
+    prompt_evaluated: int  # the prompt tokens the engine computed for this reply (not reused from its cache)
 
 
 @dataclass(frozen=True)
 class ReplyEngine:
-    """What a backend's model gives `stream_reply`."""
+    """What a backend's model gives `stream_reply` and `stream_prompt`."""
 
     context_length: int
     render: Callable[[list[ChatMessage]], list[int]]  # the conversation's prompt tokens
@@ -150,19 +152,42 @@ def stream_reply(engine: ReplyEngine, messages: list[ChatMessage], sampling: Sam
         yield Notice(notice)
     if dropped:
         yield ContextTrimmed(dropped_messages=dropped, prompt_tokens=len(prompt), context_length=n_ctx)
+    yield from decode_reply(engine, prompt, sampling, cancel, started)
 
-    room = n_ctx - len(prompt)
+
+def stream_prompt(engine: ReplyEngine, prompt: Sequence[int], sampling: SamplingParams, cancel: threading.Event) -> Iterator[GenerationEvent]:
+    """A reply continuing `prompt` as it is (no template, no fitting), down the same decode path as stream_reply:
+    what ChatModel.stream_tokens measures. The caller makes the engine evaluate every prompt token."""
+    started = time.perf_counter()
+    require_token_count(prompt, engine.context_length, "stream_tokens", room=1)
+    yield from decode_reply(engine, list(prompt), sampling, cancel, started)
+
+
+def decode_reply(
+    engine: ReplyEngine, prompt: list[int], sampling: SamplingParams, cancel: threading.Event, started: float
+) -> Iterator[GenerationEvent]:
+    """Prefill `prompt`, then sample, spell and feed back one token at a time until an end token, a stop string,
+    max_tokens, the context's end or a cancel: TextPieces, then GenerationStats, with times counted from `started`.
+
+    prefill_s is from entering engine.start to the first sampled token: the prompt's evaluation and the first sample,
+    without the rendering or fitting before it.
+    """
+    room = engine.context_length - len(prompt)
     max_tokens = min(sampling.max_tokens or room, room)
     stop_reason: StopReason = "max_tokens" if sampling.max_tokens and sampling.max_tokens <= room else "context_full"
     stop_filter = StopStringFilter(sampling.stop)
     generated = 0
     first_token_at = last_token_at = 0.0
+    prefill_started = time.perf_counter()
+    prefill_s: float | None = None
     with engine.start(prompt, sampling) as steps:
         while True:
             if cancel.is_set():
                 stop_reason = "cancelled"
                 break
             token = steps.next_token()
+            if prefill_s is None:
+                prefill_s = time.perf_counter() - prefill_started
             if not sampling.ignore_eos and steps.is_end(token):
                 stop_reason = "end_of_generation"
                 break
@@ -192,6 +217,8 @@ def stream_reply(engine: ReplyEngine, messages: list[ChatMessage], sampling: Sam
         time_to_first_token_s=(first_token_at or time.perf_counter()) - started,
         generation_s=last_token_at - first_token_at,
         stop_reason=stop_reason,
+        prompt_evaluated_tokens=steps.prompt_evaluated,
+        prefill_s=prefill_s or 0.0,  # none sampled: cancelled before the first token
     )
 
 

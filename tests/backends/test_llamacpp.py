@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,14 @@ from pocketlm.backends.base import (
     GenerationEvent,
     GenerationStats,
     LoadOptions,
+    ReportsEngineTimings,
     SamplingParams,
     TextPiece,
 )
-from pocketlm.backends.llamacpp import LlamaCppBackend
+from pocketlm.backends.llamacpp import LlamaCppBackend, LlamaCppChatModel
 from pocketlm.models.errors import ContextOverflow, NotEnoughMemory
+from tests.backends.chat_model_contract import HELLO, ChatModelContract, TokenizerFacts, fixed_length, reply
+from tests.backends.tiny_gguf import SPECIAL_TOKENS, tiny_llama_gguf_path
 from tests.fixtures import CONCISE_SYSTEM_PROMPT, capital_question
 
 CAPITAL_QUESTION = capital_question()
@@ -43,6 +47,15 @@ def test_greedy_decoding_is_deterministic(starter_model: ChatModel) -> None:
     collect(list(starter_model.stream_chat([ChatMessage("user", "Count to five.")], GREEDY)))  # another prompt between
     second, _ = collect(list(starter_model.stream_chat(question, GREEDY)))
     assert first == second and first
+
+
+def test_greedy_reply_picks_what_the_sampler_chain_would(starter_model: ChatModel) -> None:
+    # Greedy takes the argmax of the logits itself (llamacpp_decoding.DecodeLoop.sample); a chain keeping only the top
+    # token (top-k 1) must pick the same token at every step, on the same logits.
+    question = [ChatMessage("user", "Write a haiku about the sea.")]
+    greedy, _ = collect(list(starter_model.stream_chat(question, GREEDY)))
+    chained, _ = collect(list(starter_model.stream_chat(question, SamplingParams(temperature=1.0, top_k=1, max_tokens=32, seed=3))))
+    assert greedy == chained and greedy
 
 
 def test_same_seed_same_sample(starter_model: ChatModel) -> None:
@@ -143,3 +156,60 @@ def test_too_big_for_memory_is_refused_with_the_numbers(starter_gguf: Path) -> N
     # 8M tokens of f16 KV cache for this model is about 172 GiB: more than any test machine has free.
     with pytest.raises(NotEnoughMemory, match=r"needs about \d+\.\d GiB .* only \d+\.\d GiB of memory is free"):
         LlamaCppBackend().load(starter_gguf, LoadOptions(context_length=8_000_000))
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_model() -> Iterator[LlamaCppChatModel]:
+    model = LlamaCppBackend().load(tiny_llama_gguf_path(), LoadOptions(context_length=256))
+    yield model
+    model.close()
+
+
+class TestLlamaCppChatModel(ChatModelContract):
+    """The stream every backend owes (tests/backends/chat_model_contract.py), on the tiny random GGUF."""
+
+    @pytest.fixture
+    def chat_model(self, tiny_gguf_model: LlamaCppChatModel) -> LlamaCppChatModel:
+        return tiny_gguf_model
+
+    @pytest.fixture
+    def load_with_context(self) -> Callable[[int], ChatModel]:
+        return lambda context_length: LlamaCppBackend().load(tiny_llama_gguf_path(), LoadOptions(context_length=context_length))
+
+    @pytest.fixture
+    def tokenizer_facts(self) -> TokenizerFacts:
+        # As tests/backends/tiny_gguf.py writes it: BOS id 1 with add_bos_token false, <|im_end|> a control token.
+        return TokenizerFacts(bos_id=1, adds_bos=False, control_text="<|im_end|>", control_id=SPECIAL_TOKENS.index("<|im_end|>"))
+
+
+def test_the_engine_counts_what_the_latest_reply_evaluated_and_decoded(tiny_gguf_model: LlamaCppChatModel) -> None:
+    assert isinstance(tiny_gguf_model, ReportsEngineTimings)
+    prompt = tiny_gguf_model.tokenize("the quick brown fox jumps over the lazy dog " * 3)
+    _, stats = reply(list(tiny_gguf_model.stream_tokens(prompt, fixed_length(10))))
+    timings = tiny_gguf_model.engine_timings()
+    # The prompt goes in batches; every sampled token but the last is fed back one at a time.
+    assert timings.prompt_tokens == stats.prompt_evaluated_tokens == len(prompt)
+    assert timings.generated_tokens == stats.generated_tokens - 1 == 9
+    assert timings.prompt_s > 0 and timings.generation_s > 0
+    assert timings.prompt_tokens_per_second > 0 and timings.tokens_per_second > 0
+
+
+def test_a_one_token_prompt_counts_as_neither_prompt_nor_generation_to_the_engine(tiny_gguf_model: LlamaCppChatModel) -> None:
+    # llama.cpp counts a one-token batch as generation: left in, a tg run's figure would hold its prefill too.
+    prompt = tiny_gguf_model.tokenize("the")[:1]
+    reply(list(tiny_gguf_model.stream_tokens(prompt, fixed_length(10))))
+    timings = tiny_gguf_model.engine_timings()
+    assert timings.prompt_tokens == 0 and timings.prompt_tokens_per_second == 0.0
+    assert timings.generated_tokens == 9, "the reply's own decodes, every token but the last fed back"
+
+
+def test_a_follow_up_turn_evaluates_only_what_the_cache_does_not_hold(tiny_gguf_model: LlamaCppChatModel) -> None:
+    reply(list(tiny_gguf_model.stream_chat(HELLO, fixed_length(6))))
+    follow_up = [*HELLO, ChatMessage("assistant", "A fox."), ChatMessage("user", "Tell me more about the fox, please.")]
+    _, stats = reply(list(tiny_gguf_model.stream_chat(follow_up, fixed_length(6))))
+    # The first turn's prompt (up to "<|im_start|>assistant\n") is still in the cache; the rest is new.
+    first_prompt = len(tiny_gguf_model.chat_prompt_tokens(HELLO))
+    assert 1 < stats.prompt_evaluated_tokens <= stats.prompt_tokens - first_prompt
+    timings = tiny_gguf_model.engine_timings()
+    assert timings.prompt_tokens == stats.prompt_evaluated_tokens, "the counters start again with each reply"
+    assert timings.generated_tokens == 5

@@ -25,7 +25,14 @@ from pocketlm.backends.base import (  # noqa: E402
 from pocketlm.backends.mlx import MLXBackend, MLXChatModel, TokenSampler  # noqa: E402
 from pocketlm.models.errors import PocketError  # noqa: E402
 from tests.converters.tiny_models import build_tiny_model, edit_config, train_sentencepiece_tokenizer  # noqa: E402
-from tests.backends.chat_model_contract import HELLO, ChatModelContract, fixed_length, reply  # noqa: E402
+from tests.backends.chat_model_contract import (  # noqa: E402
+    HELLO,
+    ChatModelContract,
+    TokenizerFacts,
+    fixed_length,
+    reply,
+    transformers_tokenizer_facts,
+)
 from tests.fixtures import capital_question  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -254,6 +261,10 @@ class TestMLXChatModel(ChatModelContract):
     @pytest.fixture
     def chat_model(self, tiny_model: MLXChatModel) -> MLXChatModel:
         return tiny_model
+
+    @pytest.fixture(scope="class")
+    def tokenizer_facts(self, tiny_checkpoint: Path) -> TokenizerFacts:
+        return transformers_tokenizer_facts(tiny_checkpoint)
 
     @pytest.fixture
     def load_with_context(self, tiny_checkpoint: Path) -> Callable[[int], ChatModel]:

@@ -16,7 +16,14 @@ from pocketlm.backends.pytorch import TorchBackend, TorchChatModel
 from pocketlm.models.errors import ModelFileError, NotEnoughMemory, PocketError
 from pocketlm.models.fit import checkpoint_kv_bytes_per_token
 from tests.converters.tiny_models import build_tiny_model, edit_config, rewrite_safetensors_header, train_sentencepiece_tokenizer
-from tests.backends.chat_model_contract import HELLO, ChatModelContract, fixed_length, reply
+from tests.backends.chat_model_contract import (
+    HELLO,
+    ChatModelContract,
+    TokenizerFacts,
+    fixed_length,
+    reply,
+    transformers_tokenizer_facts,
+)
 from tests.fixtures import capital_question
 
 
@@ -282,6 +289,10 @@ class TestTorchChatModel(ChatModelContract):
     @pytest.fixture
     def chat_model(self, tiny_model: TorchChatModel) -> TorchChatModel:
         return tiny_model
+
+    @pytest.fixture(scope="class")
+    def tokenizer_facts(self, tiny_checkpoint: Path) -> TokenizerFacts:
+        return transformers_tokenizer_facts(tiny_checkpoint)
 
     @pytest.fixture
     def load_with_context(self, tiny_checkpoint: Path) -> Callable[[int], ChatModel]:

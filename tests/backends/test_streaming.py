@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from dataclasses import replace
+
 import pytest
 
-from pocketlm.backends.streaming import BytePieces, StopStringFilter, WindowDecoder
+from pocketlm.backends.base import EngineTimings, GenerationStats, SamplingParams
+from pocketlm.backends.streaming import BytePieces, ReplyEngine, StopStringFilter, WindowDecoder, stream_prompt
+from pocketlm.models.errors import PocketError
 
 
 def feed_all(pieces: list[str], stop: tuple[str, ...]) -> tuple[list[str], bool]:
@@ -66,3 +71,32 @@ def test_text_decoded_in_windows_is_the_whole_decoding_without_half_characters(s
     assert "".join(shown) == decode(ids)
     assert not any("\ufffd" in piece for piece in shown)
     assert sum(1 for piece in shown if piece) > len(ids) // 2, "text streams as the tokens come, not at the end"
+
+
+def test_prompt_speed_counts_the_evaluated_tokens_over_the_prefill_only() -> None:
+    # 80 of 100 prompt tokens came from the cache: speed is over the 20 the engine computed.
+    stats = GenerationStats(prompt_tokens=100, generated_tokens=1, time_to_first_token_s=0.5, generation_s=0.0,
+                            stop_reason="max_tokens", prompt_evaluated_tokens=20, prefill_s=0.25)  # fmt: skip
+    assert stats.prompt_tokens_per_second == 80.0 and stats.tokens_per_second == 0.0
+    assert replace(stats, prefill_s=0.0).prompt_tokens_per_second == 0.0
+    assert replace(stats, prompt_evaluated_tokens=0).prompt_tokens_per_second == 0.0
+
+
+def test_engine_speeds_are_zero_where_the_engine_counted_no_time() -> None:
+    timings = EngineTimings(prompt_tokens=40, prompt_s=0.2, generated_tokens=9, generation_s=0.09)
+    assert timings.prompt_tokens_per_second == pytest.approx(200.0) and timings.tokens_per_second == pytest.approx(100.0)
+    # llama.cpp reports at least 1 token for a phase it never ran, with no time.
+    idle = EngineTimings(prompt_tokens=1, prompt_s=0.0, generated_tokens=1, generation_s=0.0)
+    assert idle.prompt_tokens_per_second == 0.0 and idle.tokens_per_second == 0.0
+
+
+def test_a_prompt_that_leaves_no_room_for_a_reply_is_refused_before_the_engine_starts() -> None:
+    def start(prompt: list[int], sampling: SamplingParams):  # type: ignore[no-untyped-def]
+        raise AssertionError("a refused prompt must not reach the engine")
+
+    engine = ReplyEngine(context_length=8, render=lambda messages: [], take_notice=lambda: None, start=start)
+    for prompt in ([], list(range(8))):
+        message = rf"^stream_tokens takes 1 to 7 tokens \(the loaded context of 8 less 1 for the reply\), not {len(prompt)}\."
+        with pytest.raises(PocketError, match=message) as refused:
+            list(stream_prompt(engine, prompt, SamplingParams(), threading.Event()))
+        assert refused.value.hint == "Give fewer tokens, or load the model with a larger --ctx."

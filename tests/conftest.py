@@ -115,6 +115,13 @@ def quantized_q4_k_m(converted_f16: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def quantized_q2_k(converted_f16: Path) -> Path:
+    """converted_f16 quantized to Q2_K, the smallest quantization pocketlm makes: the most loss a real one shows."""
+    destination = converted_f16.with_name("SmolLM2-135M-Instruct-Q2_K.gguf")
+    return GGUFQuantizer().convert(converted_f16, destination, ConvertOptions(settings=GGUFSettings(quant="Q2_K")), ignore_progress).path
+
+
+@pytest.fixture(scope="session")
 def gptq_checkpoint(starter_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The starter checkpoint quantized by pocketlm's GPTQ (4-bit, group size 64, built-in calibration), once."""
     from pocketlm.converters.gptq import GPTQConverter, GPTQSettings

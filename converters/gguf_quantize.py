@@ -9,17 +9,12 @@ progress and the sentences; the child only reads the input and writes the tempor
 from __future__ import annotations
 
 import os
-import queue
-import signal
-import subprocess
 import tempfile
-import threading
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pocketlm.converters.base import ConversionError, ConversionResult, ConvertOptions, atomic_output, check_cancel, settings_of
 from pocketlm.converters.gguf_settings import GGUFSettings
@@ -28,7 +23,7 @@ from pocketlm.models.errors import NotEnoughDisk, NotEnoughMemory, PocketError
 from pocketlm.models.fit import physical_cores
 from pocketlm.models.gguf_info import read_gguf
 from pocketlm.models.leftovers import converting_prefix
-from pocketlm.models.native_child import ABORT_SIGNS, CRASH_SIGNALS, child_command, child_environment, shortened, signal_name
+from pocketlm.models.native_child import NativeChild, child_command, death_cause, signal_name
 from pocketlm.models.progress import ProgressCallback, ProgressUpdate
 
 if TYPE_CHECKING:
@@ -38,9 +33,6 @@ if TYPE_CHECKING:
 CHILD_MODULE_ENV = "POCKETLM_QUANTIZE_CHILD_MODULE"
 _CHILD_MODULE = "pocketlm.converters.gguf_quantize_child"
 _QUANTIZE_FAILED_STATUS = 3  # gguf_quantize_child.QUANTIZE_FAILED_STATUS (not imported: that module is the child's)
-# How often a silent child is checked for a cancel.
-_CANCEL_POLL_S = 0.1
-_STDERR_LINES_KEPT = 20
 
 
 class GGUFQuantizer:
@@ -129,82 +121,44 @@ class _QuantizeChild:
     """One run of the child: its progress and problem lines, its last words on stderr, and how it ended."""
 
     def __init__(self, source: Path, output: Path, quant: QuantType, threads: int, matrix_path: str | None) -> None:
-        self.command = child_command(os.environ.get(CHILD_MODULE_ENV) or _CHILD_MODULE, str(source), str(output), str(quant.ftype),
-                                     str(threads), matrix_path or "")  # fmt: skip
+        self.child = NativeChild(child_command(os.environ.get(CHILD_MODULE_ENV) or _CHILD_MODULE, str(source), str(output), str(quant.ftype),
+                                               str(threads), matrix_path or ""))  # fmt: skip
         self.problems: list[str] = []  # llama.cpp's warnings and errors, for the sentence if it fails
-        self.stderr: deque[str] = deque(maxlen=_STDERR_LINES_KEPT)
-        self.returncode: int | None = None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.child.returncode
 
     def run(self, description: str, on_progress: ProgressCallback, options: ConvertOptions) -> None:
-        try:
-            # stdin is a pipe only this process writes to: when this process dies, however, the child sees its end.
-            process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       env=child_environment())  # fmt: skip
-        except OSError as error:
-            raise ConversionError(f"Could not start llama.cpp's quantizer ({error}).", "Check that Python and pocketlm are installed whole.") from None
-        lines: queue.Queue[str | None] = queue.Queue()
-        readers = [threading.Thread(target=_read_lines, args=(process.stdout, lines.put, lambda: lines.put(None)), daemon=True),
-                   threading.Thread(target=_read_lines, args=(process.stderr, self.stderr.append), daemon=True)]  # fmt: skip
-        for reader in readers:
-            reader.start()
-        try:
-            while (line := _next_line(lines, options)) is not None:
-                kind, _, rest = line.partition(" ")
-                if kind == "progress":
-                    done, total = rest.split()
-                    on_progress(ProgressUpdate(description, int(done), int(total)))
-                elif kind == "problem":
-                    self.problems.append(rest)
-            self.returncode = process.wait()
-        finally:
-            if process.returncode is None:  # a cancel, Ctrl-C or an error here: the half-written output is discarded
-                process.kill()
-                process.wait()
-            assert process.stdin is not None
-            process.stdin.close()
-            for reader in readers:
-                reader.join()
+        for line in self.child.lines(lambda: check_cancel(options)):
+            kind, _, rest = line.partition(" ")
+            if kind == "progress":
+                done, total = rest.split()
+                on_progress(ProgressUpdate(description, int(done), int(total)))
+            elif kind == "problem":
+                self.problems.append(rest)
+        if self.child.start_error:
+            raise ConversionError(f"Could not start llama.cpp's quantizer ({self.child.start_error}).", "Check that Python and pocketlm are installed whole.")
         check_cancel(options)  # a cancel that came as the child finished still discards the result
 
     def last_words(self) -> str:
         """Why it died: ggml's assertion on stderr if it printed one, else llama.cpp's last problem, else stderr's last line."""
-        line = next((line for line in reversed(self.stderr) if ABORT_SIGNS.search(line)), None)
-        return shortened(line or (self.problems[-1] if self.problems else None) or (self.stderr[-1] if self.stderr else "no message"))
-
-
-def _read_lines(stream: IO[bytes] | None, keep: Callable[[str], object], at_end: Callable[[], object] = lambda: None) -> None:
-    assert stream is not None
-    with stream:
-        for raw in stream:
-            if line := raw.decode("utf-8", "replace").strip():
-                keep(line)
-    at_end()
-
-
-def _next_line(lines: queue.Queue[str | None], options: ConvertOptions) -> str | None:
-    """The child's next stdout line (None at its end), checking for a cancel while it is silent."""
-    while True:
-        check_cancel(options)
-        try:
-            return lines.get(timeout=_CANCEL_POLL_S)
-        except queue.Empty:
-            continue
+        return self.child.last_words(self.problems[-1] if self.problems else None)
 
 
 def _failure_explained(child: _QuantizeChild, source: Path, destination: Path, quant: QuantType) -> PocketError:
     returncode = child.returncode or 0
-    if returncode < 0:
-        signal_number = -returncode
-        if signal_number == signal.SIGKILL:  # what the kernel's out-of-memory killer sends
-            return NotEnoughMemory(f"llama.cpp was killed while quantizing {source.name}, probably for lack of memory.",
-                                   "Close other programs and run it again.")  # fmt: skip
-        if signal_number in CRASH_SIGNALS:
-            return ConversionError(
-                f"llama.cpp crashed while quantizing {source.name} ({signal_name(signal_number)}: {child.last_words()}); "
-                "the input may be damaged.",
-                "Convert or download the f16 GGUF again, and quantize that.",
-            )
-        return ConversionError(f"llama.cpp was stopped by {signal_name(signal_number)} while quantizing {source.name}.", "Run it again.")
+    cause = death_cause(returncode)
+    if cause == "killed":
+        return NotEnoughMemory(f"llama.cpp was killed while quantizing {source.name}, probably for lack of memory.",
+                               "Close other programs and run it again.")  # fmt: skip
+    if cause == "crashed":
+        return ConversionError(
+            f"llama.cpp crashed while quantizing {source.name} ({signal_name(-returncode)}: {child.last_words()}); the input may be damaged.",
+            "Convert or download the f16 GGUF again, and quantize that.",
+        )
+    if cause == "stopped":
+        return ConversionError(f"llama.cpp was stopped by {signal_name(-returncode)} while quantizing {source.name}.", "Run it again.")
     if returncode != _QUANTIZE_FAILED_STATUS:  # the interpreter could not run the child: not llama.cpp's answer
         return ConversionError(f"llama.cpp's quantizer could not run ({child.last_words()}).", "Check that pocketlm and llama-cpp-python are installed whole.")
     reason = next((p for p in reversed(child.problems) if not p.startswith("status ")), None) or child.last_words()

@@ -15,28 +15,13 @@ import os
 import re
 import signal
 import sys
-import threading
+
+from pocketlm.models.native_child import die_with_parent
 
 # llama_model_quantize returned non-zero: a refusal, not a crash; the parent explains it from the problem lines.
 QUANTIZE_FAILED_STATUS = 3
-# The parent died (its end of our stdin closed): nobody is left to read the result.
-ORPHANED_STATUS = 4
 _PROGRESS_LINE = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 _WARN, _ERROR = 3, 4  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
-
-
-def die_with_parent() -> None:
-    """Exit the moment stdin ends. The parent holds the only write end of that pipe, so its death closes it, however
-    it died; os._exit because the main thread is inside llama.cpp and cannot be interrupted."""
-
-    def watch() -> None:
-        try:
-            while sys.stdin.buffer.read(4096):
-                pass
-        finally:
-            os._exit(ORPHANED_STATUS)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def say(line: str) -> None:

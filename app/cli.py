@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from pocketlm.app import cli_adapters, cli_convert, cli_models, exit_codes
+from pocketlm.app import cli_adapters, cli_bench, cli_convert, cli_models, cli_verify, exit_codes
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -267,8 +267,15 @@ def backends() -> None:
         click.echo(f"{backend.name:<10} {formats:<18} {where}")
 
 
-for _command in (cli_models.search, cli_models.pull, cli_models.list_models, cli_models.info, cli_models.rm, cli_models.import_model,
-                 cli_convert.convert, cli_convert.quantize, cli_adapters.adapter):  # fmt: skip
+# One entry per command module's commands; a new command is one more line.
+_COMMANDS = (
+    cli_models.search, cli_models.pull, cli_models.list_models, cli_models.info, cli_models.rm, cli_models.import_model,
+    cli_convert.convert, cli_convert.quantize,
+    cli_adapters.adapter,
+    cli_bench.bench,
+    cli_verify.verify,
+)  # fmt: skip
+for _command in _COMMANDS:
     cli.add_command(_command)
 
 

@@ -9,6 +9,7 @@ from textual.screen import Screen
 
 from pocketlm.app.history import ConversationStore
 from pocketlm.app.model_loading import default_model_name
+from pocketlm.app.screens.bench import BenchScreen
 from pocketlm.app.screens.chat import ChatScreen
 from pocketlm.app.screens.convert import ConvertScreen
 from pocketlm.app.screens.models import ModelsScreen
@@ -40,6 +41,7 @@ class PocketApp(App[None]):
         # Installed, not just pushed: leaving the screen must not end a pull running in its worker.
         self.models_screen = ModelsScreen()
         self.convert_screen = ConvertScreen()
+        self.bench_screen = BenchScreen()
 
     def get_default_screen(self) -> ChatScreen:
         return self.chat_screen
@@ -47,6 +49,7 @@ class PocketApp(App[None]):
     def on_mount(self) -> None:
         self.install_screen(self.models_screen, "models")
         self.install_screen(self.convert_screen, "convert")
+        self.install_screen(self.bench_screen, "bench")
 
     def action_show_models(self) -> None:
         if self.screen is not self.models_screen:
@@ -56,10 +59,15 @@ class PocketApp(App[None]):
         if self.screen is not self.convert_screen:
             self.push_screen("convert")
 
+    def action_show_bench(self) -> None:
+        if self.screen is not self.bench_screen:
+            self.push_screen("bench")
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Models", "Local models, Hub search and pull, delete (F3)", self.action_show_models)
         yield SystemCommand("Convert", "Convert a checkpoint to GGUF or GPTQ, or quantize a GGUF (F4)", self.action_show_convert)
+        yield SystemCommand("Bench", "Measure speed and quality across models, formats and backends (F6)", self.action_show_bench)
 
     @property
     def model_named(self) -> bool:
@@ -74,4 +82,5 @@ class PocketApp(App[None]):
     def on_unmount(self) -> None:
         self.models_screen.stop_pull()  # a pull keeps its bytes for next time; quitting must not wait for it
         self.convert_screen.stop()  # a conversion leaves nothing half-written; quitting must not wait for it
+        self.bench_screen.stop()  # its cell's child process is killed; the finished cells are saved
         self.chat_screen.close_model()

@@ -49,6 +49,8 @@ class ChatScreen(Screen[None]):
         Binding("f3", "app.show_models", "Models"),
         Binding("f4", "app.show_convert", "Convert"),
         Binding("f5", "toggle_adapters", "LoRA"),
+        # Priority: the prompt (a TextArea) has F6 itself (select the line). Hidden: the footer has no room left for it.
+        Binding("f6", "app.show_bench", "Bench", priority=True, show=False),
     ]
 
     app: PocketApp  # type: ignore[assignment]

@@ -43,6 +43,7 @@ class ModelsScreen(Screen[None]):
         Binding("ctrl+f", "focus_search", "Search Hub"),
         Binding("ctrl+x", "cancel_pull", "Cancel pull"),
         Binding("f4", "convert_selected", "Convert"),
+        Binding("f6", "app.show_bench", "Bench"),
     ]
 
     app: PocketApp  # type: ignore[assignment]

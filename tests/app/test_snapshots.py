@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from pocketlm.app.history import ConversationStore
 from pocketlm.app.pocket_app import PocketApp
@@ -82,3 +86,34 @@ def test_convert_screen_gptq_options(snap_compare, store_with_starter: ModelStor
         await pilot.pause()
 
     assert snap_compare(PocketApp(load_options=LoadOptions(context_length=2048)), terminal_size=SIZE, run_before=choose_gptq)
+
+
+@pytest.fixture
+def utc(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time is UTC: a run's date on screen is then the same wherever the test runs."""
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_bench_screen_results_of_a_past_run(snap_compare, store_with_starter: ModelStore, utc: None) -> None:  # type: ignore[no-untyped-def]
+    from tests.app.test_bench_screen import save_recorded_run
+
+    save_recorded_run()  # fixed figures: the picture does not depend on this machine's speed
+
+    async def show_the_past_run(pilot) -> None:  # type: ignore[no-untyped-def]
+        await wait_for_model(pilot)
+        await pilot.press("f6")
+        while not pilot.app.screen.query("#bench-runs"):
+            await pilot.pause(0.05)
+        pilot.app.screen.query_one("#bench-tabs").active = "bench-past"
+        await pilot.pause()
+        pilot.app.screen.query_one("#bench-runs").focus()
+        await pilot.press("enter")
+        while pilot.app.screen.run is None:
+            await pilot.pause(0.05)
+        await pilot.pause()
+
+    assert snap_compare(PocketApp(load_options=LoadOptions(context_length=2048)), terminal_size=SIZE, run_before=show_the_past_run)

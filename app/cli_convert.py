@@ -7,6 +7,7 @@ whose settings dataclass has the field of its name, so a new target's options ne
 
 from __future__ import annotations
 
+import threading
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,9 @@ QUANT_HELP = ", ".join(QUANT_TYPES)
 _FORMAT_OPTIONS = {"outtype": "--outtype", "quant": "--quant", "imatrix": "--imatrix", "bits": "--bits",
                    "group_size": "--group-size", "act_order": "--act-order/--no-act-order", "calibration": "--calibration",
                    "dtype": "--dtype", "recipe": "--recipe"}  # fmt: skip
+
+
+_NO_VERIFY = click.option("--no-verify", is_flag=True, help="Do not verify the result against MODEL afterwards (done by default for models up to 1B parameters when both fit in memory: `pocketlm verify`); a broken result exits 1.")
 
 
 def _targets() -> list[ConversionTarget]:
@@ -112,7 +116,8 @@ def _source(store: ModelStore, query: str) -> LocalModel:
     return store.register(model.path, source=f"import:{model.path}", name=model.name)
 
 
-def _run(store: ModelStore, source: LocalModel, target_format: str, options: object, name: str | None, output: Path | None) -> None:
+def _run(store: ModelStore, source: LocalModel, target_format: str, options: object, name: str | None, output: Path | None,
+         verify: bool = True) -> None:  # fmt: skip
     from rich.console import Console
 
     from pocketlm.app.interrupts import ctrl_c_sets, in_worker
@@ -128,6 +133,33 @@ def _run(store: ModelStore, source: LocalModel, target_format: str, options: obj
     except Cancelled:
         raise Cancelled("Conversion interrupted; nothing was written.") from None
     click.echo(f"{model.name} is ready ({human_bytes(model.size_bytes)}, {model.lineage} of {source.name}, at {model.path}): pocketlm chat {model.name}")
+    if verify:
+        _verify(store, model, options.threads)  # type: ignore[attr-defined]
+
+
+def _verify(store: ModelStore, model: LocalModel, threads: int | None) -> None:
+    """Verify the result against its source (small models): the verdict, or one line saying why not and how to later.
+    A broken result is kept for the user to look at, and said so, but the command fails (exit 1) as `verify` would:
+    a script must not carry on with it."""
+    from rich.console import Console
+
+    from pocketlm.app import exit_codes
+    from pocketlm.app.cli_verify import echo_verdict
+    from pocketlm.app.interrupts import ctrl_c_sets, in_worker
+    from pocketlm.app.progress_view import rich_progress
+    from pocketlm.app.verification import verify_after_convert
+    from pocketlm.backends.base import LoadOptions
+
+    cancel = threading.Event()
+    with ctrl_c_sets(cancel), rich_progress(Console(stderr=True), unit="items") as show_progress:
+        outcome = in_worker(lambda: verify_after_convert(store, model, LoadOptions(threads=threads), cancel, show_progress), cancel)
+    if outcome.record is None:
+        click.echo(outcome.note)
+        return
+    echo_verdict(outcome.record)
+    if outcome.record.broken:
+        click.secho(f"{model.name} is kept at {model.path} for you to look at, but its verdict is broken.", fg="red")
+        click.get_current_context().exit(exit_codes.ERROR)
 
 
 @click.command()
@@ -147,13 +179,15 @@ def _run(store: ModelStore, source: LocalModel, target_format: str, options: obj
 @click.option("--name", help="Store name of the result (default: MODEL's name with the output's type, e.g. NAME:Q4_K_M).")
 @click.option("--output", type=click.Path(path_type=Path), help="Write the result here (a file, or a folder for folder formats; a folder for a file output means inside it) instead of pocketlm's models folder. It is registered all the same.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for quantizing (default: physical cores).")
+@_NO_VERIFY
 def convert(model: str, target: str, outtype: str | None, quant: str | None, imatrix: str | None, bits: int | None, group_size: str | None,
             act_order: bool | None, calibration: str | None, dtype: str | None, recipe: str | None, no_quant: bool, name: str | None,
-            output: Path | None, threads: int | None) -> None:  # fmt: skip
+            output: Path | None, threads: int | None, no_verify: bool) -> None:  # fmt: skip
     """Convert MODEL (a Hugging Face checkpoint: a store name, a unique prefix, or its folder) to another format, and
     optionally quantize it; a GGUF can be quantized too.
 
-    The result is registered with its lineage: `pocketlm info` shows where it came from.
+    The result is registered with its lineage: `pocketlm info` shows where it came from. A small model's result is
+    then verified against MODEL (`pocketlm verify`) unless --no-verify is given.
     """
     from pocketlm.app.cli_models import _store
     from pocketlm.converters.base import ConvertOptions
@@ -166,7 +200,7 @@ def convert(model: str, target: str, outtype: str | None, quant: str | None, ima
     if quant:
         quant_type(quant)  # an unknown type fails before any work
     store = _store()
-    _run(store, _source(store, model), chosen.format, ConvertOptions(settings=settings, threads=threads), name, output)
+    _run(store, _source(store, model), chosen.format, ConvertOptions(settings=settings, threads=threads), name, output, verify=not no_verify)
 
 
 @click.command()
@@ -176,10 +210,12 @@ def convert(model: str, target: str, outtype: str | None, quant: str | None, ima
 @click.option("--name", help="Store name of the result (default: MODEL's name with TYPE, e.g. NAME:Q4_K_M).")
 @click.option("--output", type=click.Path(path_type=Path), help="Write the GGUF here (a file, or a folder to put it in) instead of pocketlm's models folder. It is registered all the same.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads (default: physical cores).")
-def quantize(model: str, quant: str, imatrix: str | None, name: str | None, output: Path | None, threads: int | None) -> None:
+@_NO_VERIFY
+def quantize(model: str, quant: str, imatrix: str | None, name: str | None, output: Path | None, threads: int | None, no_verify: bool) -> None:
     """Quantize MODEL (an f16, bf16 or f32 GGUF: a store name, a unique prefix, or its path) to TYPE.
 
-    TYPE is one of the types `pocketlm convert --help` lists; Q4_K_M is the usual choice.
+    TYPE is one of the types `pocketlm convert --help` lists; Q4_K_M is the usual choice. A small model's result is
+    then verified against MODEL (`pocketlm verify`) unless --no-verify is given.
     """
     from pocketlm.app.cli_models import _store
     from pocketlm.converters.base import ConvertOptions
@@ -189,4 +225,4 @@ def quantize(model: str, quant: str, imatrix: str | None, name: str | None, outp
     quant_type(quant)
     store = _store()
     options = ConvertOptions(settings=GGUFSettings(quant=quant, imatrix=imatrix), threads=threads)
-    _run(store, _source(store, model), "gguf", options, name, output)
+    _run(store, _source(store, model), "gguf", options, name, output, verify=not no_verify)

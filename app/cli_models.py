@@ -159,7 +159,7 @@ def info(model: str) -> None:
     MODEL is a name from `pocketlm ls`, a unique prefix of one, or a model file or folder path.
     """
 
-    from pocketlm.app.model_details import detail_rows, device_of
+    from pocketlm.app.model_details import Alarming, detail_rows, device_of
     from pocketlm.models.fit import human_bytes
     from pocketlm.models.model_reference import find_model, is_registered
 
@@ -174,7 +174,7 @@ def info(model: str) -> None:
     # pushing every value to the right.
     width = max(len(label) for label, _ in rows if len(label) <= _LABEL_WIDTH)
     for label, value in rows:
-        click.echo(f"{label:<{width}}  {value}")
+        click.secho(f"{label:<{width}}  {value}", fg="red" if isinstance(value, Alarming) else None)  # a broken conversion's verdict
     click.echo("Files:")
     for path in found.files:
         try:

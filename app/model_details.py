@@ -11,6 +11,7 @@ from pocketlm.models.errors import PocketError
 from pocketlm.models.fit import estimate_model_memory, gib, human_bytes
 from pocketlm.models.formats import read_gptq_facts
 from pocketlm.models.store import LocalModel, ModelStore
+from pocketlm.models.verification_record import VerificationRecord
 
 if TYPE_CHECKING:
     from pocketlm.backends.base import Backend
@@ -25,6 +26,21 @@ class LoadedFacts:
     backend: str
     device: str  # "CPU, 2 physical cores", "CUDA: NVIDIA H200, 139.8 GiB"
     weights: str  # what the backend holds the weights as: a GGUF or GPTQ quantization, or a torch dtype
+
+
+class Alarming(str):
+    """A detail value the user must not miss (a broken conversion's verdict): `info` and the Models screen show it in
+    red. A str all the same, so every reader of the rows takes it as one."""
+
+
+def verification_row(record: VerificationRecord | None) -> tuple[str, str]:
+    """The "Verified" row: the stored verdict and its figures; broken is Alarming, with what to do."""
+    from pocketlm.app.verification import verdict_line
+
+    if record is None:
+        return ("Verified", "not yet (`pocketlm verify` compares it with the model it came from)")
+    value = " ".join(filter(None, [f"{verdict_line(record)}.", record.advice if record.broken else ""]))
+    return ("Verified", Alarming(value) if record.broken else value)
 
 
 def parameters(count: int) -> str:
@@ -139,6 +155,9 @@ def detail_rows(store: ModelStore, model: LocalModel, loaded: LoadedFacts | None
     if model.parent:
         rows.append(("Made by", model.lineage or "conversion"))
         rows.append(("Lineage", " ← ".join([model.name, *lineage_chain(store, model)])))
+    verification = store.verification_of(model.name)
+    if model.parent or verification is not None:  # a model with nothing to be compared with needs no "not yet"
+        rows.append(verification_row(verification))
     if children := store.children_of(model.name):
         rows.append(("Derived models", ", ".join(children)))
     try:

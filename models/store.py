@@ -6,13 +6,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from pocketlm.models.database import connect, migrate
 from pocketlm.models.errors import ModelNotFound, PocketError
 from pocketlm.models.formats import ADAPTER_FORMATS, ModelFacts, inspect_model
 from pocketlm.models.leftovers import sweep_leftovers
+from pocketlm.models.verification_record import VerificationRecord
 
 _MIGRATIONS = [
     # 1: the first release's table.
@@ -56,10 +57,18 @@ _MIGRATIONS = [
             AND (model_files.path LIKE '%/adapters.safetensors' OR model_files.path LIKE '%\\adapters.safetensors')) THEN 'mlx-lora'
         ELSE 'peft-lora' END
         WHERE format = 'lora'""",
+    # 5: what `pocketlm verify` found about a model, one row per model: it goes with the model (removed, or replaced
+    # by add(), see there); the reference is plain text, so the verdict stays readable after the parent is removed.
+    """CREATE TABLE verifications (
+        model TEXT PRIMARY KEY REFERENCES models(name) ON DELETE CASCADE ON UPDATE CASCADE,
+        reference TEXT NOT NULL, level TEXT NOT NULL, summary TEXT NOT NULL, advice TEXT NOT NULL,
+        scored_tokens INTEGER NOT NULL, tokens_identical INTEGER NOT NULL, top1_agreement REAL NOT NULL,
+        mean_kld REAL NOT NULL, perplexity_change REAL NOT NULL, text TEXT NOT NULL, verified_at REAL NOT NULL)""",
 ]
 
 _COLUMNS = ("name", "path", "format", "architecture", "parameter_count", "quantization", "context_length",
             "size_bytes", "source", "parent", "lineage", "added_at", "repo_id", "revision", "written_folder", "base_model")  # fmt: skip
+_VERIFICATION_COLUMNS = tuple(f.name for f in fields(VerificationRecord))
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,10 @@ class ModelStore:
                 # A file pocketlm once fetched stays its own under every name that uses it.
                 owned = {str(f): model.owned or self._owned_locked(f) for f in files}
                 self._connection.execute("DELETE FROM model_files WHERE model = ?", (model.name,))
+                # A verdict is about the files it was measured on: a model replaced under the same name (converted
+                # again, pulled at another revision) must not show the old one. (REPLACE's delete cascades too; this
+                # says so where a reader looks, and holds if the insert ever becomes an upsert.)
+                self._connection.execute("DELETE FROM verifications WHERE model = ?", (model.name,))
                 self._connection.execute(f"INSERT OR REPLACE INTO models ({', '.join(_COLUMNS)}) VALUES ({placeholders})", values)
                 self._connection.executemany("INSERT OR IGNORE INTO model_files VALUES (?, ?, ?)", [(model.name, f, int(o)) for f, o in owned.items()])
                 self._connection.execute("COMMIT")
@@ -256,6 +269,35 @@ class ModelStore:
             current = by_name.get(current.parent) if current.parent else None
         names.discard("")
         return [m for m in models if m.is_adapter and m.base_model and m.base_model.rstrip("/").lower() in names]
+
+    def record_verification(self, record: VerificationRecord) -> None:
+        """Keep `record` as its model's verdict, replacing an earlier one; the model must be in the store."""
+        values = {column: getattr(record, column) for column in _VERIFICATION_COLUMNS}
+        placeholders = ", ".join(f":{column}" for column in _VERIFICATION_COLUMNS)
+        with self._lock:
+            try:
+                self._connection.execute(f"INSERT OR REPLACE INTO verifications ({', '.join(_VERIFICATION_COLUMNS)}) VALUES ({placeholders})", values)
+            except sqlite3.IntegrityError as error:
+                if "FOREIGN KEY" not in str(error):  # a NOT NULL figure is a bug upstream, not a missing model
+                    raise
+                raise ModelNotFound(f"No model named {record.model!r} in the store to record its verification under.",
+                                    "Import the model (`pocketlm import PATH`), then verify it again.") from None  # fmt: skip
+
+    def verification_of(self, name: str) -> VerificationRecord | None:
+        with self._lock:
+            row = self._connection.execute("SELECT * FROM verifications WHERE model = ?", (name,)).fetchone()
+        return self._verification(row) if row else None
+
+    def verifications(self) -> dict[str, VerificationRecord]:
+        """Every stored verdict by model name (a table of every model reads them once, not once per row)."""
+        with self._lock:
+            rows = self._connection.execute("SELECT * FROM verifications").fetchall()
+        return {row["model"]: self._verification(row) for row in rows}
+
+    @staticmethod
+    def _verification(row: sqlite3.Row) -> VerificationRecord:
+        values = dict(row)
+        return VerificationRecord(**{**values, "tokens_identical": bool(values["tokens_identical"])})
 
     def remove(self, name: str) -> None:
         with self._lock:

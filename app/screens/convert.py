@@ -4,6 +4,7 @@ note, or its install hint), set that target's own options, run it with progress 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rich.text import Text
@@ -17,7 +18,7 @@ from textual.widgets import Button, Footer, Header, Input, Label, OptionList, Pr
 
 from pocketlm.app.messages import JobFinished, ProgressMessage
 from pocketlm.app.notify import as_pocket_error, notify_error
-from pocketlm.app.widgets.conversion_options import OPTION_WIDGETS, TargetOptions
+from pocketlm.app.widgets.conversion_options import OPTION_WIDGETS, TargetOptions, VerifyAfterConverting
 from pocketlm.app.worker_progress import ProgressRelay, new_job_id
 from pocketlm.converters.quant_types import UNQUANTIZED_TYPES
 from pocketlm.converters.registry import ConversionTarget, conversion_targets, refuse_unavailable, unavailable_error
@@ -28,7 +29,21 @@ from pocketlm.models.store import LocalModel
 
 if TYPE_CHECKING:
     from pocketlm.app.pocket_app import PocketApp
+    from pocketlm.app.verification import AfterConvert
     from pocketlm.converters.base import ConvertOptions
+
+
+@dataclass(frozen=True)
+class Converted:
+    """A finished job's result: the new model and, when the switch was on, what verifying it came to."""
+
+    model: LocalModel
+    verification: AfterConvert | None = None
+
+
+@dataclass(frozen=True)
+class VerificationUpdate(ProgressUpdate):
+    """The verification's progress after a conversion: shown like the conversion's, kept apart from last_progress."""
 
 
 def convertible(model: LocalModel) -> bool:
@@ -52,8 +67,10 @@ class ConvertScreen(Screen[None]):
         self._targets: dict[str, ConversionTarget] = {}
         self._cancel: threading.Event | None = None
         self._job: int | None = None
-        self.last_progress: ProgressUpdate | None = None  # the newest progress shown (tests read it)
+        self.last_progress: ProgressUpdate | None = None  # the newest conversion progress shown (tests read it)
+        self.last_verification_progress: ProgressUpdate | None = None  # and the newest of the verification after it
         self.result: LocalModel | None = None
+        self.verification: AfterConvert | None = None  # what verifying the latest result came to (tests read it)
         self._select_on_mount: str | None = None
 
     def compose(self) -> ComposeResult:
@@ -78,6 +95,7 @@ class ConvertScreen(Screen[None]):
                 yield Button("Convert", variant="primary", id="convert-start")
                 yield Button("Cancel", variant="warning", id="convert-cancel")
                 yield Button("Open in chat", id="convert-open", disabled=True)
+                yield VerifyAfterConverting(id="convert-verify-row")  # beside the buttons: the form needs no more height
             yield Label("", id="convert-label", markup=False)  # shows model names and errors as written
             yield ProgressBar(id="convert-progress", show_eta=True)
         yield Footer()
@@ -178,7 +196,7 @@ class ConvertScreen(Screen[None]):
             self.query_one("#convert-label", Label).update(str(problem))
             notify_error(self, problem, title="Cannot convert")
             return
-        self._cancel, self._job, self.last_progress = cancel, new_job_id(), None
+        self._cancel, self._job, self.last_progress, self.last_verification_progress = cancel, new_job_id(), None, None
         self.query_one("#convert-start", Button).disabled = True
         self.query_one("#convert-open", Button).disabled = True
         self.query_one("#convert-cancel").display = True
@@ -186,24 +204,45 @@ class ConvertScreen(Screen[None]):
         self.query_one("#convert-progress", ProgressBar).update(total=None, progress=0)
         self.query_one("#convert-label", Label).update(f"Converting {model.name} to {target.label}…")
         self.refresh_bindings()
-        self.convert(model, target.format, options, ProgressRelay(self, self._job))
+        verify = self.query_one(VerifyAfterConverting).value
+        self.convert(model, target.format, options, ProgressRelay(self, self._job), verify)
 
     @work(thread=True, group="convert")
-    def convert(self, model: LocalModel, target_format: str, options: ConvertOptions, relay: ProgressRelay) -> None:
+    def convert(self, model: LocalModel, target_format: str, options: ConvertOptions, relay: ProgressRelay, verify: bool = True) -> None:
+        from pocketlm.app.verification import verify_after_convert
         from pocketlm.converters.conversion_job import convert_model
 
+        latest: list[ProgressUpdate] = []
+
+        def converting(update: ProgressUpdate) -> None:
+            latest[:] = [update]
+            relay(update)
+
         try:
-            result = convert_model(self.app.store, model, target_format, options, relay)
+            result = convert_model(self.app.store, model, target_format, options, converting)
         except Exception as error:  # noqa: BLE001 - a surprise in a worker becomes a notification, not a crash
             relay.finish(error=as_pocket_error("The conversion", error))
-        else:
-            relay.finish(result=result)
+            return
+        verification = None
+        if verify:  # the conversion stands whatever this comes to: verify_after_convert turns a failure into a note
+            if latest:  # the relay keeps only the newest update: the conversion's last one is shown before the verification's replace it
+                self.post_message(ProgressMessage(relay.job, latest[0]))
+
+            def show(update: ProgressUpdate) -> None:
+                relay(VerificationUpdate(update.description, update.completed, update.total))
+
+            verification = verify_after_convert(self.app.store, result, self.app.load_options, options.cancel, show)
+        relay.finish(result=Converted(result, verification))
 
     @on(ProgressMessage)
     def _show_progress(self, message: ProgressMessage) -> None:
         if message.job != self._job:  # a finished job's late message
             return
-        self.last_progress = update = message.update
+        update = message.update
+        if isinstance(update, VerificationUpdate):
+            self.last_verification_progress = update
+        else:
+            self.last_progress = update
         self.query_one("#convert-label", Label).update(update.description)
         self.query_one("#convert-progress", ProgressBar).update(total=update.total, progress=update.completed)
 
@@ -216,8 +255,9 @@ class ConvertScreen(Screen[None]):
         self.query_one("#convert-cancel").display = False
         self.query_one("#convert-start", Button).disabled = False
         self.refresh_bindings()
-        result = message.result if isinstance(message.result, LocalModel) else None
-        self.result = result
+        converted = message.result if isinstance(message.result, Converted) else None
+        result = converted.model if converted is not None else None
+        self.result, self.verification = result, converted.verification if converted is not None else None
         self.query_one("#convert-open", Button).disabled = result is None
         if message.error is not None or result is None:
             error = message.error or PocketError("The conversion ended without a result.")
@@ -226,12 +266,28 @@ class ConvertScreen(Screen[None]):
             self.query_one("#convert-start", Button).focus()  # disabling it while running sent the focus elsewhere
             return
         text = f"{result.name} is ready ({human_bytes(result.size_bytes)})."
+        severity = "information"
+        if self.verification is not None:
+            text, severity = self._with_verification(text, self.verification)
         self.query_one("#convert-label", Label).update(text)
-        self.notify(text, timeout=10, markup=False)
+        self.notify(text, timeout=10 if severity != "error" else 30, markup=False, severity=severity)  # type: ignore[arg-type]
         self.refresh_sources()
         if self.app.models_screen.is_mounted:
             self.app.models_screen.refresh_local(select=result.name)
         self.query_one("#convert-open", Button).focus()
+
+    @staticmethod
+    def _with_verification(text: str, verification: AfterConvert) -> tuple[str, str]:
+        """The ready line with the verdict (and what to do when it is broken), and the notification's severity."""
+        from pocketlm.app.verification import verdict_line
+
+        record = verification.record
+        if record is None:
+            return f"{text} {verification.note}", "information"
+        verdict = f"{text} Verified: {verdict_line(record)}."
+        if record.broken:
+            return f"{verdict} {record.advice} It is kept for you to look at.", "error"
+        return verdict, "information"
 
     @on(Button.Pressed, "#convert-open")
     def open_in_chat(self) -> None:

@@ -3,7 +3,7 @@
 GGUF: the type written from the checkpoint, a quantization (with expected size and a quality note) and an optional
 importance matrix. GPTQ: bits, group size, act-order and the calibration text. MLX: bits (or float weights), group
 size, the float dtype and mlx-lm's mixed-bit recipes. A target without a widget here
-(a third-party converter) converts with its defaults.
+(a third-party converter) converts with its defaults. Beside the Convert button, for every target, the verify-after-converting switch.
 """
 
 from __future__ import annotations
@@ -185,3 +185,25 @@ class MLXOptions(TargetOptions):
 
 
 OPTION_WIDGETS: dict[str, type[TargetOptions]] = {"gguf": GGUFOptions, "gptq": GPTQOptions, "mlx": MLXOptions}
+
+
+class VerifyAfterConverting(Horizontal):
+    """The switch (on by default) that verifies a small model's result against its source once converted, as
+    `pocketlm convert` does unless --no-verify: app/verification.py says which models and why."""
+
+    DEFAULT_CSS = """
+    VerifyAfterConverting { width: auto; height: auto; margin-left: 2; }
+    VerifyAfterConverting > Label { margin-left: 1; }
+    """
+
+    def compose(self) -> ComposeResult:
+        from pocketlm.app.verification import AUTO_VERIFY_MAX_PARAMETERS
+
+        self.tooltip = (f"Compare the result with the model it came from (`pocketlm verify`): models up to "
+                        f"{AUTO_VERIFY_MAX_PARAMETERS / 1e9:g}B parameters that fit in memory beside it, about a minute at that size.")  # fmt: skip
+        yield Switch(value=True, id="convert-verify")
+        yield Label("Verify after converting")
+
+    @property
+    def value(self) -> bool:
+        return self.query_one("#convert-verify", Switch).value

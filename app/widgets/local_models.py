@@ -17,10 +17,12 @@ from textual.content import Content
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
-from pocketlm.app.model_details import adapter_rows, default_backend, detail_rows, device_of, known_device, origin, parameters
+from pocketlm.app.model_details import Alarming, adapter_rows, default_backend, detail_rows, device_of, known_device, origin, parameters
+from pocketlm.app.verification import LEVEL_LOOKS
 from pocketlm.app.widgets.cells import cell
 from pocketlm.models.fit import human_bytes
 from pocketlm.models.store import LocalModel, ModelStore
+from pocketlm.models.verification_record import VerificationRecord
 
 if TYPE_CHECKING:
     from pocketlm.app.pocket_app import PocketApp
@@ -101,6 +103,7 @@ class LocalModels(Horizontal):
         # Each adapter's stored bases, worked out once per refresh: the details of the highlighted row need them at
         # every cursor move, and finding them means the whole list and each model's lineage.
         self._bases: dict[str, list[LocalModel]] = {}
+        self._verdicts: dict[str, VerificationRecord] = {}  # each model's stored verification, read once per refresh
 
     def compose(self) -> ComposeResult:
         yield DataTable(id="local-models", cursor_type="row", zebra_stripes=True)
@@ -121,8 +124,13 @@ class LocalModels(Horizontal):
         table.clear()
         models = self.app.store.list()
         self._bases = bases_of_adapters(self.app.store, models)
+        self._verdicts = self.app.store.verifications()
         for row in table_rows(self.app.store, models, self._sort):
-            table.add_row(*map(cell, self._cells(row)), key=row.key)
+            name, *rest = map(cell, self._cells(row))
+            if row.model is not None and (verdict := self._verdicts.get(row.model.name)) is not None:
+                look = LEVEL_LOOKS[verdict.level]  # its verdict at a glance; the details say the figures and what to do
+                name.append(look.flag, f"bold {look.colour}" if verdict.broken else look.colour or "")
+            table.add_row(name, *rest, key=row.key)
         if current and current in table.rows:
             table.move_cursor(row=table.get_row_index(current))
         self._show_details()
@@ -189,7 +197,8 @@ class LocalModels(Horizontal):
     def _show_lines(self, model: LocalModel, rows: list[tuple[str, str]]) -> None:
         # Values go in as $variables: Textual inserts them as written, never as markup.
         lines = [Content.from_markup("[b]$name[/b]", name=model.name), Content("")]
-        lines += [Content.from_markup("[dim]$label:[/dim] $value", label=label, value=value) for label, value in rows if label != "Name"]
+        lines += [Content.from_markup("[dim]$label:[/dim] [bold red]$value[/]" if isinstance(value, Alarming) else "[dim]$label:[/dim] $value",
+                                      label=label, value=value) for label, value in rows if label != "Name"]  # fmt: skip
         self.query_one("#local-details", Static).update(Content("\n").join(lines))
 
     @work(thread=True, group="device", exit_on_error=False)

@@ -209,3 +209,57 @@ async def test_a_model_whose_files_cannot_be_deleted_is_a_notification_not_a_cra
             assert displayed(table) == []  # the list shows what is left: the entry went first (models/removal.py)
     finally:
         subprocess.run(["chattr", "-i", str(stuck)], check=True)
+
+
+async def test_a_broken_conversion_is_flagged_on_its_row_and_its_verdict_shown_in_red_with_the_advice(model_store: ModelStore, tiny_llama: Path,
+                                                                                                     tiny_llama_f32_gguf: Path) -> None:  # fmt: skip
+    from pocketlm.models.verification_record import VerificationRecord
+
+    model_store.register(tiny_llama, source="import", name="tiny")
+    model_store.register(tiny_llama_f32_gguf, source="convert", name="tiny:F32", parent="tiny", lineage="convert f32")
+    advice = "Token 3 of the text is 17 for the reference but 18 for the model. Convert it again from the original checkpoint."
+    # A recorded verdict is test data, as `pocketlm verify` would have stored it.
+    model_store.record_verification(VerificationRecord(model="tiny:F32", reference="tiny", level="broken", summary="tokens differ, top-1 99.0%, KLD 0.001, PPL +0.1%",
+                                                       advice=advice, scored_tokens=100, tokens_identical=False, top1_agreement=0.99,
+                                                       mean_kld=0.001, perplexity_change=0.001, text="built-in", verified_at=1.0))  # fmt: skip
+    app = PocketApp()
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_models(pilot)
+        table = screen.query_one("#local-models", DataTable)
+        assert str(table.get_cell("tiny:F32", "name")) == "tiny:F32 ✗ broken" and str(table.get_cell("tiny", "name")) == "tiny"
+        table.move_cursor(row=table.get_row_index("tiny:F32"))
+        await pilot.pause()
+        details = screen.query_one("#local-details", Static).render()
+        line = next(line for line in str(details).splitlines() if line.startswith("Verified:"))
+        assert "broken, tokens differ" in line and line.endswith(advice)
+        start = str(details).index(line) + len("Verified: ")
+        assert any("red" in str(span.style) and span.start <= start < span.end for span in details.spans)  # type: ignore[attr-defined]
+        table.move_cursor(row=table.get_row_index("tiny"))  # imported: nothing to verify it against, so no row at all
+        await pilot.pause()
+        assert "Verified" not in str(screen.query_one("#local-details", Static).render())
+
+
+async def test_a_quantizations_usual_loss_is_flagged_verified_in_plain_colour_with_no_advice(model_store: ModelStore, tiny_llama: Path,
+                                                                                             tiny_llama_f32_gguf: Path) -> None:  # fmt: skip
+    from pocketlm.models.verification_record import VerificationRecord
+
+    model_store.register(tiny_llama, source="import", name="tiny")
+    model_store.register(tiny_llama_f32_gguf, source="convert", name="tiny:Q4", parent="tiny", lineage="quantize Q4_K_M")
+    summary = "tokens identical, top-1 98.7%, KLD 0.012, PPL +3.1%"  # the issue's own example
+    # A recorded verdict is test data, as `pocketlm verify` would have stored it (an old record's advice is not shown).
+    model_store.record_verification(VerificationRecord(model="tiny:Q4", reference="tiny", level="lossy", summary=summary, advice="Convert again.",
+                                                       scored_tokens=100, tokens_identical=True, top1_agreement=0.987, mean_kld=0.012,
+                                                       perplexity_change=0.031, text="built-in", verified_at=1.0))  # fmt: skip
+    app = PocketApp()
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_models(pilot)
+        table = screen.query_one("#local-models", DataTable)
+        flag = table.get_cell("tiny:Q4", "name")
+        assert str(flag) == "tiny:Q4 ✓" and not any(span.style for span in flag.spans)  # type: ignore[attr-defined]
+        table.move_cursor(row=table.get_row_index("tiny:Q4"))
+        await pilot.pause()
+        details = screen.query_one("#local-details", Static).render()
+        line = next(line for line in str(details).splitlines() if line.startswith("Verified:"))
+        assert line == f"Verified: {summary} (against tiny, on the built-in text)."
+        start = str(details).index(line) + len("Verified: ")
+        assert not any("red" in str(span.style) or "yellow" in str(span.style) for span in details.spans if span.start <= start < span.end)  # type: ignore[attr-defined]

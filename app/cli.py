@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from pocketlm.app import cli_adapters, cli_bench, cli_convert, cli_models, cli_verify, exit_codes
+from pocketlm.app import cli_adapters, cli_bench, cli_convert, cli_models, cli_remote, cli_serve, cli_verify, exit_codes
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -274,6 +274,8 @@ _COMMANDS = (
     cli_adapters.adapter,
     cli_bench.bench,
     cli_verify.verify,
+    cli_remote.remote,
+    cli_serve.serve,
 )  # fmt: skip
 for _command in _COMMANDS:
     cli.add_command(_command)

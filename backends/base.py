@@ -167,6 +167,9 @@ class ModelDescription:
     warnings: tuple[str, ...] = ()  # what the user should read once after loading (e.g. a replaced chat template)
     device: str = ""  # where this model runs, as loaded: "CPU", "CPU + GPU (all layers)", "CUDA: NVIDIA H200, bfloat16"
     adapters: tuple[AdapterSpec, ...] = ()  # the LoRA adapters active now, with their scales (set_adapters keeps it current)
+    # False where count_tokens/prompt_tokens are estimates (a remote engine's tokenizer is out of reach): a context
+    # meter says "about".
+    exact_token_counts: bool = True
 
 
 @runtime_checkable
@@ -305,4 +308,7 @@ class Backend(Protocol):
         May import the engine library (never called by --help); only when is_available()."""
         ...
 
-    def load(self, model_path: Path, options: LoadOptions) -> ChatModel: ...
+    def load(self, model_path: Path, options: LoadOptions) -> ChatModel:
+        """Load the model at `model_path`: a file or folder, or for a backend of models without local files (remote)
+        the synthetic reference the store gave it (LocalModel.path)."""
+        ...

@@ -114,6 +114,7 @@ def model_from_facts(name: str, facts: ModelFacts, source: str, **origin: object
 
 class ModelStore:
     def __init__(self, database: Path) -> None:
+        self.database = Path(database)  # other tables in the same file (models/remote_endpoints.py) open it too
         self._connection = connect(database)
         self._lock = threading.Lock()
         with self._lock:

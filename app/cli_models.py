@@ -13,7 +13,8 @@ import click
 from pocketlm.app.interrupts import ctrl_c_sets, in_worker
 
 if TYPE_CHECKING:
-    from pocketlm.models.store import ModelStore
+    from pocketlm.backends.remote import RemoteModelInfo
+    from pocketlm.models.store import LocalModel, ModelStore
 
 _LABEL_WIDTH = 16  # `info`'s widest usual label is 14 characters ("Context length")
 
@@ -159,22 +160,22 @@ def info(model: str) -> None:
     MODEL is a name from `pocketlm ls`, a unique prefix of one, or a model file or folder path.
     """
 
-    from pocketlm.app.model_details import Alarming, detail_rows, device_of
+    from pocketlm.app.model_details import detail_rows, device_of
     from pocketlm.models.fit import human_bytes
     from pocketlm.models.model_reference import find_model, is_registered
+    from pocketlm.models.remote_endpoints import REMOTE_FORMAT
 
     store = _store()
     found = find_model(store, model)
+    if found.format == REMOTE_FORMAT:
+        _print_rows([("Name", found.name), *_remote_info(store, found)])
+        return
     # With the device: which backend opens it and where ("mlx on CPU (float32), 2 cores"); asking may import torch or
     # mlx, which a command that prints once can afford (the app asks from a worker).
     rows = detail_rows(store, found, device=device_of)  # a GPTQ model's bits, group size and act-order come from there, once
     if not is_registered(found):
         rows.append(("Store", "not in the store (`pocketlm import` adds it)"))
-    # Values line up after the usual labels; a longer one ("Opens by default with") runs past them rather than
-    # pushing every value to the right.
-    width = max(len(label) for label, _ in rows if len(label) <= _LABEL_WIDTH)
-    for label, value in rows:
-        click.secho(f"{label:<{width}}  {value}", fg="red" if isinstance(value, Alarming) else None)  # a broken conversion's verdict
+    _print_rows(rows)
     click.echo("Files:")
     for path in found.files:
         try:
@@ -182,6 +183,36 @@ def info(model: str) -> None:
         except OSError:
             size = "MISSING"
         click.echo(f"  {size:>9}  {path}")
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
+    from pocketlm.app.model_details import Alarming
+
+    # Values line up after the usual labels; a longer one ("Opens by default with") runs past them rather than
+    # pushing every value to the right.
+    width = max(len(label) for label, _ in rows if len(label) <= _LABEL_WIDTH)
+    for label, value in rows:
+        click.secho(f"{label:<{width}}  {value}", fg="red" if isinstance(value, Alarming) else None)  # a broken conversion's verdict
+
+
+def _remote_info(store: ModelStore, found: LocalModel) -> list[tuple[str, str]]:
+    """A remote endpoint's details: one GET /v1/models for what it serves; unreachable is a sentence among them."""
+    from pocketlm.app.model_details import remote_rows
+    from pocketlm.backends.remote import list_remote_models
+    from pocketlm.models.errors import PocketError
+    from pocketlm.models.remote_endpoints import RemoteEndpoints, parse_remote_reference
+
+    endpoint_name, model = parse_remote_reference(found.path)
+    endpoints = RemoteEndpoints(store.database)
+    try:
+        endpoint = endpoints.require(endpoint_name)
+    finally:
+        endpoints.close()
+    try:
+        served: list[RemoteModelInfo] | PocketError = list_remote_models(endpoint)
+    except PocketError as error:
+        served = error
+    return remote_rows(endpoint, model, served)
 
 
 @click.command()
@@ -193,10 +224,15 @@ def rm(model: str, yes: bool) -> None:
     from pocketlm.models.errors import PocketError
     from pocketlm.models.fit import human_bytes
     from pocketlm.models.model_reference import find_model, is_registered
+    from pocketlm.models.remote_endpoints import REMOTE_FORMAT, parse_remote_reference
     from pocketlm.models.removal import plan_removal, remove_model
 
     store = _store()
     found = find_model(store, model)
+    if found.format == REMOTE_FORMAT:
+        endpoint, _ = parse_remote_reference(found.path)
+        raise PocketError(f"{model} is a remote endpoint's model, not a stored one: there are no files to remove.",
+                          f"Forget the endpoint with `pocketlm remote rm {endpoint}`.")  # fmt: skip
     if not is_registered(found):
         raise PocketError(f"{model} is not in the store, so there is nothing to remove.", "Delete the files yourself if you no longer want them.")
     removal = plan_removal(store, found)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,8 @@ from pocketlm.models.verification_record import VerificationRecord
 
 if TYPE_CHECKING:
     from pocketlm.backends.base import Backend
+    from pocketlm.backends.remote import RemoteModelInfo
+    from pocketlm.models.remote_endpoints import RemoteEndpoint
 
 DeviceLookup = Callable[["type[Backend]"], "str | None"]
 
@@ -190,4 +193,27 @@ def adapter_rows(store: ModelStore, adapter: LocalModel, bases: list[LocalModel]
     if children := store.children_of(adapter.name):
         rows.append(("Conversions", ", ".join(children)))
     rows.append(("Use", use))
+    return rows
+
+
+def remote_rows(endpoint: RemoteEndpoint, model: str | None, served: Sequence[RemoteModelInfo] | PocketError | None) -> list[tuple[str, str]]:
+    """What `info` and the Models screen say about a remote endpoint (`model`: the one named as ENDPOINT/MODEL):
+    its address and the NAME of its key's variable, never the key. `served`: what GET /v1/models answered, the
+    sentence saying why it did not, or None while it is being asked (the app asks from a worker)."""
+    if endpoint.api_key_env:
+        key = f"${endpoint.api_key_env} ({'set' if os.environ.get(endpoint.api_key_env) else 'not set'})"
+    else:
+        key = "none (the server asks for no key)"
+    rows = [("Format", "remote"), ("URL", endpoint.base_url), ("Key variable", key)]
+    if model is not None:
+        rows.append(("Model", model))
+    if served is None:
+        rows.append(("Serves", "asking the server…"))
+    elif isinstance(served, PocketError):
+        rows.append(("Serves", Alarming(str(served))))
+    else:
+        listed = [f"{m.id} (context {m.context_length:,})" if m.context_length else m.id for m in served]
+        rows.append(("Serves", ", ".join(listed) or "no models yet"))
+    name = endpoint.name if model is None else f"{endpoint.name}/{model}"
+    rows.append(("Use", f"pocketlm chat {name}; forget it with `pocketlm remote rm {endpoint.name}`"))
     return rows

@@ -192,6 +192,7 @@ class ChatScreen(Screen[None]):
         status.backend = message.model.description.backend
         status.device = self._device = message.device
         status.context_length = message.model.description.context_length
+        status.exact_token_counts = message.model.description.exact_token_counts
         status.tokens_per_second = None
         status.state = ""
         status.adapters = message.model.description.adapters

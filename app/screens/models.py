@@ -112,6 +112,9 @@ class ModelsScreen(Screen[None]):
     def action_delete_model(self) -> None:
         from pocketlm.models.removal import plan_removal, remove_model
 
+        if (endpoint := self.local.selected_endpoint()) is not None:  # nothing of it is on this machine to delete
+            self.notify(f"{endpoint.name} is a remote endpoint: forget it with `pocketlm remote rm {endpoint.name}`.", markup=False)
+            return
         model = self.local.selected()
         if model is None:
             return
@@ -140,6 +143,9 @@ class ModelsScreen(Screen[None]):
     def action_convert_selected(self) -> None:
         """Open the Convert screen with the highlighted local model chosen."""
         name = self.selected_local_name() if self.query_one(TabbedContent).active == "local" else None
+        if name is not None and self.local.selected_endpoint() is not None:
+            self.notify(f"{name} is served by a remote engine: only local models can be converted.", severity="warning", markup=False)
+            return
         self.app.pop_screen()
         self.app.push_screen("convert")
         if name:

@@ -2,7 +2,9 @@
 
 LoRA adapters are listed under the model they were trained on (store.adapters_of decides which, by name, Hub repo or
 path, up the lineage; adapter_loading.adapters_by_base the one they go under), an adapter's conversions under it; adapters whose base is not in the store come last, under a line naming
-their base. Sorting orders the models, and each keeps its adapters below it.
+their base. Sorting orders the models, and each keeps its adapters below it. The remote endpoints (`pocketlm remote add`) come
+last, a row each, read from the endpoints table without a network call; what one serves is asked in a worker when
+its row is highlighted.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from textual.widgets import DataTable, Static
 from pocketlm.app.model_details import Alarming, adapter_rows, default_backend, detail_rows, device_of, known_device, origin, parameters
 from pocketlm.app.verification import LEVEL_LOOKS
 from pocketlm.app.widgets.cells import cell
+from pocketlm.models.errors import PocketError
 from pocketlm.models.fit import human_bytes
+from pocketlm.models.remote_endpoints import REMOTE_FORMAT, RemoteEndpoint, RemoteEndpoints
 from pocketlm.models.store import LocalModel, ModelStore
 from pocketlm.models.verification_record import VerificationRecord
 
 if TYPE_CHECKING:
     from pocketlm.app.pocket_app import PocketApp
     from pocketlm.backends.base import Backend
+    from pocketlm.backends.remote import RemoteModelInfo
 
 _COLUMNS = (("name", "Name"), ("format", "Format"), ("arch", "Arch"), ("params", "Params"), ("quant", "Quant"),
             ("size", "Size"), ("origin", "Origin"))  # fmt: skip
@@ -34,17 +39,24 @@ _NUMERIC = {"params": lambda m: m.parameter_count, "size": lambda m: m.size_byte
 _FIELDS = {"name": lambda m: m.name, "format": lambda m: m.format, "arch": lambda m: m.architecture, "quant": lambda m: m.quantization,
            "origin": origin, **_NUMERIC}  # fmt: skip
 _MISSING_BASE = "\0base:"  # the key of the line naming a base that is not in the store (no model has a NUL in its name)
+_REMOTE = "\0remote:"  # the key of an endpoint's line: a stored model may have the same name as an endpoint
 
 
 @dataclass(frozen=True)
 class Row:
     """One line of the table: a model, an adapter under its base (depth 1) or its conversion (depth 2), or the line
-    naming a base the store lacks (`model` None)."""
+    naming a base the store lacks (`model` None), or a remote endpoint (`endpoint`)."""
 
     key: str
     model: LocalModel | None
     depth: int = 0
     heading: str = ""
+    endpoint: RemoteEndpoint | None = None
+
+
+def endpoint_rows(endpoints: list[RemoteEndpoint]) -> list[Row]:
+    """A line per remote endpoint, by name, after the stored models (sorting by a column of files means nothing for them)."""
+    return [Row(f"{_REMOTE}{e.name}", None, endpoint=e) for e in sorted(endpoints, key=lambda e: e.name.lower())]
 
 
 def table_rows(store: ModelStore, models: list[LocalModel], sort: tuple[str, bool]) -> list[Row]:
@@ -104,6 +116,10 @@ class LocalModels(Horizontal):
         # every cursor move, and finding them means the whole list and each model's lineage.
         self._bases: dict[str, list[LocalModel]] = {}
         self._verdicts: dict[str, VerificationRecord] = {}  # each model's stored verification, read once per refresh
+        self._endpoints: dict[str, RemoteEndpoint] = {}  # the endpoints table, read once per refresh
+        # What each endpoint serves, or why it could not say: asked once per refresh, in a worker (a network call).
+        self._served: dict[str, list[RemoteModelInfo] | PocketError] = {}
+        self._listing: set[str] = set()  # endpoints a worker is asking now
 
     def compose(self) -> ComposeResult:
         yield DataTable(id="local-models", cursor_type="row", zebra_stripes=True)
@@ -125,7 +141,13 @@ class LocalModels(Horizontal):
         models = self.app.store.list()
         self._bases = bases_of_adapters(self.app.store, models)
         self._verdicts = self.app.store.verifications()
-        for row in table_rows(self.app.store, models, self._sort):
+        endpoints = RemoteEndpoints(self.app.store.database)
+        try:
+            self._endpoints = {e.name: e for e in endpoints.list()}
+        finally:
+            endpoints.close()
+        self._served.clear()
+        for row in table_rows(self.app.store, models, self._sort) + endpoint_rows(list(self._endpoints.values())):
             name, *rest = map(cell, self._cells(row))
             if row.model is not None and (verdict := self._verdicts.get(row.model.name)) is not None:
                 look = LEVEL_LOOKS[verdict.level]  # its verdict at a glance; the details say the figures and what to do
@@ -138,6 +160,8 @@ class LocalModels(Horizontal):
     @staticmethod
     def _cells(row: Row) -> tuple[str, ...]:
         model = row.model
+        if row.endpoint is not None:
+            return (row.endpoint.name, REMOTE_FORMAT, "", "", "", "", row.endpoint.base_url)
         if model is None:
             return (row.heading, "", "", "", "", "", "")
         name = "  " * (row.depth - 1) + "└ " + model.name if row.depth else model.name
@@ -151,13 +175,23 @@ class LocalModels(Horizontal):
         return str(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
 
     def selected_name(self) -> str | None:
-        """The highlighted model's or adapter's store name; None on the line naming a base the store lacks."""
+        """The highlighted model's or adapter's store name, or endpoint's name (what `chat` takes); None on the line
+        naming a base the store lacks."""
         key = self._cursor_key()
-        return None if key is None or key.startswith(_MISSING_BASE) else key
+        if key is None or key.startswith(_MISSING_BASE):
+            return None
+        return key.removeprefix(_REMOTE)
+
+    def selected_endpoint(self) -> RemoteEndpoint | None:
+        key = self._cursor_key()
+        return self._endpoints.get(key.removeprefix(_REMOTE)) if key is not None and key.startswith(_REMOTE) else None
 
     def selected(self) -> LocalModel | None:
-        name = self.selected_name()
-        return self.app.store.get(name) if name else None
+        """The highlighted stored model or adapter (None on an endpoint's line)."""
+        key = self._cursor_key()
+        if key is None or key.startswith((_MISSING_BASE, _REMOTE)):
+            return None
+        return self.app.store.get(key)
 
     def focus_table(self) -> None:
         self.query_one("#local-models", DataTable).focus()
@@ -172,6 +206,9 @@ class LocalModels(Horizontal):
 
     @on(DataTable.RowHighlighted, "#local-models")
     def _show_details(self) -> None:
+        if (endpoint := self.selected_endpoint()) is not None:
+            self._show_endpoint(endpoint)
+            return
         model = self.selected()
         details = self.query_one("#local-details", Static)
         if model is None:
@@ -183,7 +220,7 @@ class LocalModels(Horizontal):
                 details.update("No models yet.\n\nSearch the Hub (Ctrl+F) and pull one, or run `pocketlm import PATH`.")
             return
         if model.is_adapter:
-            self._show_lines(model, adapter_rows(self.app.store, model, self._bases.get(model.name, []), use="Enter attaches it to the model open in Chat"))
+            self._show_lines(model.name, adapter_rows(self.app.store, model, self._bases.get(model.name, []), use="Enter attaches it to the model open in Chat"))
             return
         chat_model = self.app.chat_screen.model
         loaded = self.app.chat_screen.loaded_facts() if chat_model is not None and chat_model.description.name == model.name else None
@@ -192,11 +229,48 @@ class LocalModels(Horizontal):
         if not isinstance(backend, Exception) and known_device(backend) is None and backend.name not in self._asking:
             self._asking.add(backend.name)
             self._find_device(backend)  # the details are redrawn with it once known
-        self._show_lines(model, rows)
+        self._show_lines(model.name, rows)
 
-    def _show_lines(self, model: LocalModel, rows: list[tuple[str, str]]) -> None:
+    def _show_endpoint(self, endpoint: RemoteEndpoint) -> None:
+        """The endpoint's address and key variable at once; what it serves when the worker has asked."""
+        from pocketlm.app.model_details import remote_rows
+
+        served = self._served.get(endpoint.name)
+        if served is None and endpoint.name not in self._listing:
+            self._listing.add(endpoint.name)
+            self._list_served(endpoint)  # the details are redrawn with the answer
+        rows = remote_rows(endpoint, None, served)
+        rows.insert(-1, ("Enter", "opens it in Chat"))
+        chat_model = self.app.chat_screen.model
+        if chat_model is not None and chat_model.description.name == endpoint.name:
+            rows.insert(-1, ("Open in Chat", chat_model.description.name + f", context {chat_model.description.context_length:,} tokens"))
+        self._show_lines(endpoint.name, rows)
+
+    @work(thread=True, group="remote-models", exit_on_error=False)
+    def _list_served(self, endpoint: RemoteEndpoint) -> None:
+        """GET /v1/models away from the UI thread: an unreachable server takes up to its connect timeout to say so."""
+        from pocketlm.backends.remote import list_remote_models
+
+        served: list[RemoteModelInfo] | PocketError
+        try:
+            served = list_remote_models(endpoint)
+        except PocketError as error:
+            served = error
+        except Exception as error:  # noqa: BLE001 - the details say it; a dead worker would end the app
+            from pocketlm.app.notify import unexpected
+
+            served = unexpected(f"Asking {endpoint.name} for its models", error)
+        self.app.call_from_thread(self._served_found, endpoint.name, served)
+
+    def _served_found(self, name: str, served: list[RemoteModelInfo] | PocketError) -> None:
+        self._listing.discard(name)
+        self._served[name] = served
+        if self.is_mounted:
+            self._show_details()
+
+    def _show_lines(self, name: str, rows: list[tuple[str, str]]) -> None:
         # Values go in as $variables: Textual inserts them as written, never as markup.
-        lines = [Content.from_markup("[b]$name[/b]", name=model.name), Content("")]
+        lines = [Content.from_markup("[b]$name[/b]", name=name), Content("")]
         lines += [Content.from_markup("[dim]$label:[/dim] [bold red]$value[/]" if isinstance(value, Alarming) else "[dim]$label:[/dim] $value",
                                       label=label, value=value) for label, value in rows if label != "Name"]  # fmt: skip
         self.query_one("#local-details", Static).update(Content("\n").join(lines))
@@ -217,4 +291,4 @@ class LocalModels(Horizontal):
         event.stop()
         key = str(event.row_key.value)
         if not key.startswith(_MISSING_BASE):
-            self.post_message(self.OpenRequested(key))
+            self.post_message(self.OpenRequested(key.removeprefix(_REMOTE)))

@@ -112,6 +112,7 @@ def _sampling(body: _Sampling, max_tokens: int | None) -> SamplingParams:
         max_tokens=max_tokens,
         seed=None if body.seed is None else body.seed % _SEED_RANGE,
         stop=body.stops(),
+        ignore_eos=body.ignore_eos,
     )
 
 

@@ -68,6 +68,8 @@ class _Sampling(_Request):
     n: Literal[1] = 1  # one choice per request: a local engine decodes one sequence
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)  # accepted, ignored
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)  # accepted, ignored
+    # vLLM's and llama-server's field (clients send it as extra_body): keep generating past end tokens, as benchmarks ask.
+    ignore_eos: bool = False
     # pocketlm's own field (clients send it as extra_body): the adapters active for this request's reply alone.
     adapters: list[AdapterRequest] | None = Field(default=None, max_length=_MAX_ADAPTERS)
 

@@ -113,3 +113,15 @@ def test_a_client_that_gives_up_on_a_whole_reply_cancels_it_too(store_with_start
         log: list[ServedRequest] = server.app.state.requests
         _wait_for(lambda: len(log) == 1, "the abandoned request's record")
         assert log[0].stop_reason == "cancelled" and log[0].completion_tokens < LONG
+
+
+def test_ignore_eos_keeps_generating_past_the_end_token_as_benchmarks_ask(store_with_starter: ModelStore) -> None:
+    # A one-word answer ends long before 48 tokens on its own; vLLM's and llama-server's ignore_eos asks for all 48.
+    with running_server(store_with_starter, ServeSettings()) as server:
+        client = _client(server)
+        question = [{"role": "user", "content": "Answer with one word: is water wet?"}]
+        ended = client.chat.completions.create(model=STARTER.name, messages=question, temperature=0, max_tokens=48)
+        forced = client.chat.completions.create(model=STARTER.name, messages=question, temperature=0, max_tokens=48,
+                                                extra_body={"ignore_eos": True})  # fmt: skip
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens < 48
+    assert forced.choices[0].finish_reason == "length" and forced.usage.completion_tokens == 48

@@ -14,6 +14,7 @@ from pocketlm.converters.gguf_settings import GGUFSettings
 from pocketlm.converters.hf_to_gguf import HfToGGUF
 from pocketlm.models.progress import ignore_progress
 from pocketlm.models.store import ModelStore
+from tests.backends.tiny_gguf import tiny_llama_gguf_path
 from tests.fixtures import CACHE_DIR, starter_checkpoint_path, starter_gguf_path, template_free_copy
 from tests.hub.repos import fixture_repos
 from tests.hub.server import HubRepo, LoopbackHub, serving
@@ -165,3 +166,11 @@ def tiny_adapters(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) ->
                                          alpha_pattern={"q_proj": 3.0}, layers=[1], seed=2),  # fmt: skip
         "second": build_peft_adapter(tiny_llama, folder / "second", rank=2, alpha=2.0, targets=("q_proj", "v_proj"), seed=3),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_engine() -> Iterator[ChatModel]:
+    """The tiny random GGUF on llama.cpp: the engine behind the loopback OpenAI-compatible peers of the remote tests."""
+    model = LlamaCppBackend().load(tiny_llama_gguf_path(), LoadOptions(context_length=256, threads=1, probe_crashes=False))
+    yield model
+    model.close()

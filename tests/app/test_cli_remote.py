@@ -4,31 +4,15 @@ peer on loopback (tests/backends/openai_peer.py) and the real `pocketlm` executa
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pocketlm.backends.base import ChatModel, LoadOptions
-from pocketlm.backends.llamacpp import LlamaCppBackend
+from pocketlm.backends.base import ChatModel
 from pocketlm.models.locations import database_path
 from pocketlm.models.remote_endpoints import RemoteEndpoints
 from tests.app.test_cli import assert_clean_failure, pocketlm
 from tests.backends.openai_peer import openai_peer
-from tests.backends.tiny_gguf import tiny_llama_gguf_path
-
-
-@pytest.fixture(scope="module")
-def tiny_engine() -> Iterator[ChatModel]:
-    model = LlamaCppBackend().load(tiny_llama_gguf_path(), LoadOptions(context_length=256, threads=1, probe_crashes=False))
-    yield model
-    model.close()
-
-
-@pytest.fixture
-def peer_url(tiny_engine: ChatModel) -> Iterator[str]:
-    with openai_peer(tiny_engine, "tiny") as (url, _):
-        yield url
 
 
 def test_add_checks_the_endpoint_then_ls_run_chat_and_rm_use_it(peer_url: str, pocket_home: Path) -> None:

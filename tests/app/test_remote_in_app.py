@@ -5,7 +5,6 @@ server on loopback (tests/backends/openai_peer.py) answering with llama.cpp on t
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,30 +14,14 @@ from pocketlm.app.pocket_app import PocketApp
 from pocketlm.app.screens.chat import ChatScreen
 from pocketlm.app.screens.model_picker import ModelPicker
 from pocketlm.app.widgets.status_line import StatusLine
-from pocketlm.backends.base import ChatModel, LoadOptions, SamplingParams
-from pocketlm.backends.llamacpp import LlamaCppBackend
+from pocketlm.backends.base import SamplingParams
 from pocketlm.models.locations import database_path
 from pocketlm.models.remote_endpoints import RemoteEndpoint, RemoteEndpoints
 from tests.app.test_chat_app import SIZE, send, wait_for
 from tests.app.test_cli import assert_clean_failure, pocketlm
 from tests.app.test_models_screen import notifications, open_models
-from tests.backends.openai_peer import openai_peer
-from tests.backends.tiny_gguf import tiny_llama_gguf_path
 
 PEER_KEY = "sk-peer-secret-789"
-
-
-@pytest.fixture(scope="module")
-def tiny_engine() -> Iterator[ChatModel]:
-    model = LlamaCppBackend().load(tiny_llama_gguf_path(), LoadOptions(context_length=256, threads=1, probe_crashes=False))
-    yield model
-    model.close()
-
-
-@pytest.fixture
-def peer_url(tiny_engine: ChatModel) -> Iterator[str]:
-    with openai_peer(tiny_engine, "tiny") as (url, _):
-        yield url
 
 
 def add_endpoint(name: str, url: str, api_key_env: str = "") -> None:

@@ -11,7 +11,6 @@ import pytest
 
 from pocketlm.app.model_loading import choose_model, load_model
 from pocketlm.backends.base import ChatMessage, ChatModel, GenerationStats, LoadOptions, SamplingParams, TextPiece
-from pocketlm.backends.llamacpp import LlamaCppBackend
 from pocketlm.backends.remote import RemoteBackend
 from pocketlm.models.errors import ModelNotFound, PocketError
 from pocketlm.models.remote_endpoints import RemoteEndpoint, RemoteEndpoints
@@ -21,13 +20,6 @@ from tests.backends.tiny_gguf import tiny_llama_gguf_path
 
 HELLO = [ChatMessage("user", "hello there")]
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
-
-
-@pytest.fixture(scope="module")
-def tiny_engine() -> Iterator[ChatModel]:
-    model = LlamaCppBackend().load(tiny_llama_gguf_path(), LoadOptions(context_length=256, threads=1, probe_crashes=False))
-    yield model
-    model.close()
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import openai
 import uvicorn
 from fastapi import FastAPI
 
@@ -20,6 +21,10 @@ from pocketlm.models.store import ModelStore
 class RunningServer:
     app: FastAPI
     base_url: str  # http://127.0.0.1:PORT/v1
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        """The official client on this server, without its retries (a test must see the first answer)."""
+        return openai.OpenAI(base_url=self.base_url, api_key=api_key, max_retries=0)
 
 
 @contextmanager

@@ -46,7 +46,7 @@ def tiny_server(tiny_store: ModelStore) -> Iterator[RunningServer]:
 
 @pytest.fixture
 def client(tiny_server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=tiny_server.base_url, api_key="unused", max_retries=0)
+    return tiny_server.client()
 
 
 def _ask(client: openai.OpenAI, content: str = "hello there", **extra: object):  # type: ignore[no-untyped-def]
@@ -177,10 +177,10 @@ def test_four_concurrent_streams_each_get_exactly_their_own_tokens(client: opena
 
 def test_an_api_key_is_enforced(tiny_store: ModelStore) -> None:
     with running_server(tiny_store, ServeSettings(threads=1, api_key="sesame")) as server:
-        wrong = openai.OpenAI(base_url=server.base_url, api_key="open-up", max_retries=0)
+        wrong = server.client("open-up")
         assert _assert_openai_error_body(_error_of(lambda: wrong.models.list()), 401)["code"] == "invalid_api_key"
         assert requests.get(f"{server.base_url}/models", timeout=30).status_code == 401
-        right = openai.OpenAI(base_url=server.base_url, api_key="sesame", max_retries=0)
+        right = server.client("sesame")
         assert [model.id for model in right.models.list()] == [TINY]
 
 
@@ -198,7 +198,7 @@ def test_an_idle_model_is_unloaded_and_loads_again_on_demand(tiny_store: ModelSt
         while pool.loaded_names() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert pool.loaded_names() == []
-        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+        client = server.client()
         assert _ask(client, max_tokens=3).usage.completion_tokens == 3
 
 

@@ -43,7 +43,7 @@ def server(store: ModelStore) -> Iterator[RunningServer]:
 
 @pytest.fixture
 def client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    return server.client()
 
 
 def complete(client: openai.OpenAI, *adapters: tuple[str, float], max_tokens: int = 10) -> str:

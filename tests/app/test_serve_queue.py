@@ -24,7 +24,7 @@ LONG = 3000  # tokens of counting: the model's greedy continuation of COUNTING g
 
 
 def _client(server: RunningServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    return server.client()
 
 
 def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 60) -> None:
